@@ -1,0 +1,229 @@
+/* pykvm's hot exit path; see runloop.h for the contract. */
+#define _GNU_SOURCE
+#include "runloop.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <x86intrin.h>
+
+uint64_t pykvm_rdtsc(void) { return __rdtsc(); }
+
+long pykvm_ioctl(int fd, unsigned long request, unsigned long arg)
+{
+    long rc = ioctl(fd, request, arg);
+    return rc < 0 ? -errno : rc;
+}
+
+long pykvm_ioctl_ptr(int fd, unsigned long request, void *arg)
+{
+    long rc = ioctl(fd, request, arg);
+    return rc < 0 ? -errno : rc;
+}
+
+void *pykvm_mmap_anon(uint64_t size, int *err)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    *err = p == MAP_FAILED ? errno : 0;
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void *pykvm_mmap_fd(int fd, uint64_t size, int *err)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    *err = p == MAP_FAILED ? errno : 0;
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int pykvm_munmap(void *addr, uint64_t size)
+{
+    return munmap(addr, size) < 0 ? -errno : 0;
+}
+
+int pykvm_madvise(void *addr, uint64_t size, int advice)
+{
+    return madvise(addr, size, advice) < 0 ? -errno : 0;
+}
+
+static void kick_handler(int signo) { (void)signo; }
+
+int pykvm_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler;   /* no SA_RESTART: KVM_RUN must return */
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
+}
+
+int pykvm_run_once(int vcpu_fd, uint64_t *tsc_before, uint64_t *tsc_after)
+{
+    *tsc_before = __rdtsc();
+    int rc = ioctl(vcpu_fd, KVM_RUN, 0);
+    int err = errno;
+    *tsc_after = __rdtsc();
+    return rc < 0 ? -err : rc;
+}
+
+static inline uint32_t reason_slot(uint32_t reason)
+{
+    return reason < PYKVM_NR_REASONS ? reason : PYKVM_NR_REASONS - 1;
+}
+
+static inline uint32_t log2_bucket(const struct pykvm_loop *L, uint64_t tsc)
+{
+    uint64_t ns = (uint64_t)(((unsigned __int128)tsc * L->ns_per_tsc_q32) >> 32);
+    uint32_t b = ns ? 63 - (uint32_t)__builtin_clzll(ns) : 0;
+    return b < PYKVM_HIST_BUCKETS ? b : PYKVM_HIST_BUCKETS - 1;
+}
+
+static struct pykvm_range *find_range(struct pykvm_loop *L, uint32_t space,
+                                      uint64_t addr, uint64_t len)
+{
+    for (uint32_t i = 0; i < L->nranges; i++) {
+        struct pykvm_range *r = &L->ranges[i];
+        if (r->space == space && addr >= r->base &&
+            addr - r->base < r->length && len <= r->length - (addr - r->base))
+            return r;
+    }
+    return NULL;
+}
+
+enum outcome { PASS, HANDLED, DEBUG_EXIT };
+
+/* The guest's value of a write, little-endian, at most 8 bytes. */
+static uint64_t le_value(const uint8_t *p, uint32_t len)
+{
+    uint64_t v = 0;
+    memcpy(&v, p, len > 8 ? 8 : len);
+    return v;
+}
+
+static enum outcome handle_write(struct pykvm_loop *L, struct pykvm_range *r,
+                                 const uint8_t *data, uint32_t size, uint32_t count)
+{
+    switch (r->write_action) {
+    case PYKVM_WRITE_DROP:
+        return HANDLED;
+    case PYKVM_WRITE_TXBUF:
+        /* Only byte writes are plain transmits; a full buffer goes to
+         * Python, which drains it first, so no byte is ever lost. */
+        if (size != 1 || L->txbuf == NULL || L->txcap - L->txlen < count)
+            return PASS;
+        memcpy(L->txbuf + L->txlen, data, count);
+        L->txlen += count;
+        return HANDLED;
+    case PYKVM_WRITE_DEBUG_EXIT:
+        L->stop_status = (le_value(data, size) << 1) | 1;
+        return DEBUG_EXIT;
+    default:
+        return PASS;
+    }
+}
+
+static void fill_const(uint8_t *dst, uint64_t value, uint32_t size, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++)
+        memcpy(dst + (uint64_t)i * size, &value, size > 8 ? 8 : size);
+}
+
+static enum outcome try_handle(struct pykvm_loop *L, struct kvm_run *run)
+{
+    struct pykvm_range *r;
+    enum outcome out = PASS;
+
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO: {
+        uint32_t size = run->io.size, count = run->io.count;
+        uint8_t *data = (uint8_t *)run + run->io.data_offset;
+        r = find_range(L, PYKVM_SPACE_PIO, run->io.port, size);
+        if (r == NULL || size > 8)
+            return PASS;
+        if (run->io.direction == KVM_EXIT_IO_OUT)
+            out = handle_write(L, r, data, size, count);
+        else if (r->read_action == PYKVM_READ_CONST) {
+            fill_const(data, r->read_value, size, count);
+            out = HANDLED;
+        }
+        break;
+    }
+    case KVM_EXIT_MMIO: {
+        uint32_t len = run->mmio.len;
+        r = find_range(L, PYKVM_SPACE_MMIO, run->mmio.phys_addr, len);
+        if (r == NULL || len > 8)
+            return PASS;
+        if (run->mmio.is_write)
+            out = handle_write(L, r, run->mmio.data, len, 1);
+        else if (r->read_action == PYKVM_READ_CONST) {
+            fill_const(run->mmio.data, r->read_value, len, 1);
+            out = HANDLED;
+        }
+        break;
+    }
+    default:
+        return PASS;
+    }
+    if (out != PASS)
+        r->hits++;
+    return out;
+}
+
+void pykvm_loop_clear_pending(struct pykvm_loop *L)
+{
+    L->pending_reason = -1;
+}
+
+int pykvm_loop_run(struct pykvm_loop *L)
+{
+    struct kvm_run *run = L->run;
+
+    for (;;) {
+        uint64_t t_entry = __rdtsc();
+
+        /* The exit handed to Python last time has now been handled. */
+        if (L->pending_reason >= 0) {
+            uint32_t s = (uint32_t)L->pending_reason;
+            uint64_t handling = t_entry - L->pending_exit_tsc;
+            L->tsc_in_py += handling;
+            L->hist_handle[s][log2_bucket(L, handling)]++;
+            L->hist_roundtrip[s][log2_bucket(L, t_entry - L->pending_entry_tsc)]++;
+            L->pending_reason = -1;
+        }
+
+        int rc = ioctl(L->vcpu_fd, KVM_RUN, 0);
+        int err = errno;
+        uint64_t t_exit = __rdtsc();
+        L->tsc_in_run += t_exit - t_entry;
+
+        if (rc < 0) {
+            if (err == EINTR || err == EAGAIN) {
+                L->exits[KVM_EXIT_INTR]++;
+                return PYKVM_RET_INTR;
+            }
+            L->error_errno = err;
+            return PYKVM_RET_ERROR;
+        }
+
+        uint32_t s = reason_slot(run->exit_reason);
+        L->exits[s]++;
+        enum outcome out = try_handle(L, run);
+        uint64_t t_done = __rdtsc();
+
+        if (out == PASS) {
+            L->exits_py[s]++;
+            L->pending_reason = (int32_t)s;
+            L->pending_exit_tsc = t_exit;
+            L->pending_entry_tsc = t_entry;
+            return PYKVM_RET_EXIT;
+        }
+        L->exits_c[s]++;
+        L->tsc_in_c += t_done - t_exit;
+        L->hist_handle[s][log2_bucket(L, t_done - t_exit)]++;
+        L->hist_roundtrip[s][log2_bucket(L, t_done - t_entry)]++;
+        if (out == DEBUG_EXIT)
+            return PYKVM_RET_DEBUG_EXIT;
+    }
+}

@@ -1,0 +1,110 @@
+/* pykvm's hot exit path: a KVM_RUN loop that handles the exits it owns.
+ *
+ * The Python side fills a table of port/MMIO ranges and what to do with each
+ * access (drop it, answer a constant, buffer transmitted bytes, stop on a
+ * debug-exit write).  pykvm_loop_run() calls KVM_RUN until an exit arrives
+ * that no range owns; that one is left in kvm_run for Python to handle.
+ * cffi releases the GIL around the call, so one thread per vCPU works.
+ *
+ * Every exit is counted per reason and timestamped with the TSC: time inside
+ * KVM_RUN, time in C handlers, time in Python handlers (measured from the
+ * return to Python until the next call), and log2 histograms in nanoseconds.
+ */
+#ifndef PYKVM_RUNLOOP_H
+#define PYKVM_RUNLOOP_H
+
+#include <stdint.h>
+#include <linux/kvm.h>
+
+#define PYKVM_MAX_RANGES   32
+#define PYKVM_NR_REASONS   64   /* exit_reason values >= this share the last slot */
+#define PYKVM_HIST_BUCKETS 32   /* bucket i counts durations in [2^i, 2^(i+1)) ns */
+
+/* Address space of a range. */
+#define PYKVM_SPACE_PIO  0
+#define PYKVM_SPACE_MMIO 1
+
+/* What a read of the range does. */
+#define PYKVM_READ_PASS  0      /* return to Python */
+#define PYKVM_READ_CONST 1      /* answer with read_value (little-endian) */
+
+/* What a write to the range does. */
+#define PYKVM_WRITE_PASS       0  /* return to Python */
+#define PYKVM_WRITE_DROP       1  /* discard (a POST-code sink, a doorbell being counted) */
+#define PYKVM_WRITE_TXBUF      2  /* append 1-byte writes to the transmit buffer */
+#define PYKVM_WRITE_DEBUG_EXIT 3  /* stop the loop: status = (value << 1) | 1 */
+
+/* Why pykvm_loop_run() returned. */
+#define PYKVM_RET_EXIT       0  /* an exit for Python is in kvm_run */
+#define PYKVM_RET_DEBUG_EXIT 1  /* the guest wrote to a debug-exit range: see stop_status */
+#define PYKVM_RET_INTR       2  /* KVM_RUN returned EINTR/EAGAIN (signal or immediate_exit) */
+#define PYKVM_RET_ERROR      3  /* KVM_RUN failed: see error_errno */
+
+struct pykvm_range {
+    uint64_t base;
+    uint64_t length;
+    uint64_t read_value;
+    uint32_t space;
+    uint32_t read_action;
+    uint32_t write_action;
+    uint32_t id;          /* the Python side's handle, for statistics */
+    uint64_t hits;        /* accesses handled in C */
+};
+
+struct pykvm_loop {
+    /* set up by Python */
+    int vcpu_fd;
+    struct kvm_run *run;
+    uint32_t nranges;
+    struct pykvm_range ranges[PYKVM_MAX_RANGES];
+    uint8_t *txbuf;             /* bytes written to PYKVM_WRITE_TXBUF ranges */
+    uint32_t txcap;
+    uint32_t txlen;             /* Python drains it and resets to 0 */
+    uint64_t ns_per_tsc_q32;    /* TSC ticks -> ns, 32.32 fixed point */
+
+    /* results of the last return */
+    uint64_t stop_status;
+    int error_errno;
+
+    /* statistics, cumulative over calls */
+    uint64_t exits[PYKVM_NR_REASONS];      /* every exit KVM_RUN returned */
+    uint64_t exits_c[PYKVM_NR_REASONS];    /* ... handled here */
+    uint64_t exits_py[PYKVM_NR_REASONS];   /* ... handed to Python */
+    uint64_t tsc_in_run;                   /* inside the KVM_RUN ioctl */
+    uint64_t tsc_in_c;                     /* in C handlers */
+    uint64_t tsc_in_py;                    /* from return to Python to the next call */
+    uint64_t hist_handle[PYKVM_NR_REASONS][PYKVM_HIST_BUCKETS];
+    uint64_t hist_roundtrip[PYKVM_NR_REASONS][PYKVM_HIST_BUCKETS];
+
+    /* bookkeeping for the exit last handed to Python */
+    int32_t pending_reason;     /* -1 when none */
+    uint64_t pending_exit_tsc;
+    uint64_t pending_entry_tsc;
+};
+
+/* Run until an exit Python must see, a debug-exit, a signal or an error. */
+int pykvm_loop_run(struct pykvm_loop *loop);
+
+/* Forget the Python exit in flight (e.g. after a stop) so it is not timed. */
+void pykvm_loop_clear_pending(struct pykvm_loop *loop);
+
+/* One bare KVM_RUN with TSC timestamps, for pykvm's own measurements. */
+int pykvm_run_once(int vcpu_fd, uint64_t *tsc_before, uint64_t *tsc_after);
+
+/* ioctl wrappers that return -errno instead of setting errno. */
+long pykvm_ioctl(int fd, unsigned long request, unsigned long arg);
+long pykvm_ioctl_ptr(int fd, unsigned long request, void *arg);
+
+/* Mappings owned by pykvm objects. */
+void *pykvm_mmap_anon(uint64_t size, int *err);
+void *pykvm_mmap_fd(int fd, uint64_t size, int *err);
+int pykvm_munmap(void *addr, uint64_t size);
+int pykvm_madvise(void *addr, uint64_t size, int advice);
+
+/* A no-op handler for the vCPU kick signal: its only job is to make a
+ * blocked KVM_RUN return EINTR.  Installed without SA_RESTART. */
+int pykvm_install_kick_handler(int signo);
+
+uint64_t pykvm_rdtsc(void);
+
+#endif

@@ -1,0 +1,204 @@
+"""Guest physical memory: anonymous mappings registered as KVM memory slots.
+
+``GuestMemory`` owns each mapping (mmap/munmap) and the slot that exposes it
+to the guest (KVM_SET_USER_MEMORY_REGION).  Every host-side access is checked
+against the regions, so no bug in a device model or a hostile guest address
+can make the host touch memory outside the guest's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pykvm._native_loader import ffi, lib
+from pykvm.errors import GuestMemoryError, KvmError
+
+if TYPE_CHECKING:
+    from pykvm.vm import Vm
+
+PAGE_SIZE = 4096
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a QEMU-style size: ``64M``, ``1G``, ``4096`` (bytes; a bare number >= 1 MiB... is bytes)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    if s and s[-1] in _UNITS:
+        number, unit = s[:-1], _UNITS[s[-1]]
+    else:
+        number, unit = s, 1 << 20  # QEMU's -m takes MiB when no suffix is given
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use a number with K, M or G, like 64M") from None
+    if value <= 0 or value != int(value):
+        raise ValueError(f"bad size {text!r}: must be a positive whole number of bytes")
+    return int(value)
+
+
+@dataclass
+class MemoryRegion:
+    """One KVM memory slot backed by an anonymous mapping."""
+
+    slot: int
+    gpa: int
+    size: int
+    hva: int
+    readonly: bool = False
+    log_dirty: bool = False
+    _ptr: object = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return self.gpa <= gpa and size >= 0 and gpa + size <= self.end
+
+
+class GuestMemory:
+    """The guest-physical address space of one VM, as a set of regions.
+
+    With ``vm=None`` the regions are plain mappings (for tests and tools that
+    build page tables without KVM).
+    """
+
+    def __init__(self, vm: "Vm | None" = None) -> None:
+        self.vm = vm
+        self.regions: list[MemoryRegion] = []
+        self._next_slot = 0
+
+    # -- regions -------------------------------------------------------------
+    def add_region(
+        self, gpa: int, size: int, *, readonly: bool = False, log_dirty: bool = False, hugepages: bool = False
+    ) -> MemoryRegion:
+        """Map ``size`` bytes of fresh zeroed memory at guest-physical ``gpa``."""
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"region {gpa:#x}+{size:#x} must be page-aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"region {gpa:#x}-{gpa + size - 1:#x} overlaps slot {r.slot} at {r.gpa:#x}-{r.end - 1:#x}")
+        err = ffi.new("int *")
+        ptr = lib.pykvm_mmap_anon(size, err)
+        if ptr == ffi.NULL:
+            raise KvmError("mmap(guest memory)", err[0], f"{size} bytes")
+        if hugepages:
+            lib.pykvm_madvise(ptr, size, lib.MADV_HUGEPAGE)  # a hint; THP is 'madvise' on many hosts
+        region = MemoryRegion(self._next_slot, gpa, size, int(ffi.cast("uintptr_t", ptr)), readonly, log_dirty, ptr)
+        if self.vm is not None:
+            flags = (lib.KVM_MEM_READONLY if readonly else 0) | (lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+            try:
+                self.vm.set_user_memory_region(region.slot, gpa, size, region.hva, flags)
+            except KvmError:
+                lib.pykvm_munmap(ptr, size)
+                raise
+        self._next_slot += 1
+        self.regions.append(region)
+        return region
+
+    def remove_region(self, region: MemoryRegion) -> None:
+        """Delete the slot from the VM, then unmap its memory (in that order)."""
+        self.regions.remove(region)
+        if self.vm is not None and not self.vm.closed:
+            self.vm.delete_user_memory_region(region.slot)
+        lib.pykvm_munmap(region._ptr, region.size)
+        region._ptr = None
+
+    def close(self) -> None:
+        """Unmap every region.  Safe to call twice."""
+        for region in list(self.regions):
+            self.regions.remove(region)
+            lib.pykvm_munmap(region._ptr, region.size)
+            region._ptr = None
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def size(self) -> int:
+        """Total bytes mapped."""
+        return sum(r.size for r in self.regions)
+
+    def region_at(self, gpa: int, size: int = 1) -> MemoryRegion:
+        """The region holding ``[gpa, gpa+size)``; GuestMemoryError if none holds all of it."""
+        for r in self.regions:
+            if r.contains(gpa, size):
+                return r
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not inside guest memory")
+
+    def is_mapped(self, gpa: int, size: int = 1) -> bool:
+        return any(r.contains(gpa, size) for r in self.regions)
+
+    # -- access ----------------------------------------------------------------
+    def pointer(self, gpa: int, size: int):
+        """A ``char *`` to ``size`` bytes at ``gpa``, after the bounds check."""
+        r = self.region_at(gpa, size)
+        return ffi.cast("char *", r._ptr) + (gpa - r.gpa)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Copy ``size`` bytes out of guest memory."""
+        if size == 0:
+            return b""
+        return ffi.unpack(self.pointer(gpa, size), size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest memory (a read-only slot is writable from the host)."""
+        if data:
+            ffi.memmove(self.pointer(gpa, len(data)), data, len(data))
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy view of guest memory (valid while the region is mapped)."""
+        return memoryview(ffi.buffer(self.pointer(gpa, size), size))
+
+    def read_uint(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.read(gpa, size), "little")
+
+    def write_uint(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(size, "little"))
+
+    def load(self, gpa: int, image: bytes | str | os.PathLike) -> int:
+        """Copy an image (bytes or a file path) to ``gpa``; returns its size."""
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            with open(image, "rb") as f:
+                image = f.read()
+        if not self.is_mapped(gpa, max(len(image), 1)):
+            raise GuestMemoryError(
+                f"image of {len(image)} bytes at {gpa:#x} does not fit in guest memory "
+                f"({self.describe()})"
+            )
+        self.write(gpa, bytes(image))
+        return len(image)
+
+    def hva(self, gpa: int) -> int:
+        """Host virtual address backing ``gpa``."""
+        r = self.region_at(gpa)
+        return r.hva + (gpa - r.gpa)
+
+    def dirty_pages(self, region: MemoryRegion) -> list[int]:
+        """KVM_GET_DIRTY_LOG for a region: guest-physical addresses of pages written since last asked."""
+        if self.vm is None or not region.log_dirty:
+            raise ValueError("dirty logging needs a VM and a region added with log_dirty=True")
+        bitmap = self.vm.get_dirty_log(region.slot, region.size)
+        bits = int.from_bytes(bitmap, "little")
+        pages = []
+        while bits:
+            low = bits & -bits
+            pages.append(region.gpa + (low.bit_length() - 1) * PAGE_SIZE)
+            bits ^= low
+        return pages
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{r.gpa:#x}-{r.end - 1:#x}{' ro' if r.readonly else ''}" for r in self.regions
+        ) or "no regions"

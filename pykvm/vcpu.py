@@ -1,0 +1,261 @@
+"""A vCPU file descriptor: ``Vcpu``.
+
+Third fd level of the KVM API.  One method per vCPU ioctl; the docstring's
+first line names it (Documentation/virt/kvm/api.rst, section 4).  Getters
+return the kernel's own structs as cffi objects (``regs.rip``,
+``sregs.cs.selector``); setters take them back.  The vCPU owns its fd and
+the mmap of ``struct kvm_run``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+from pykvm import exits
+from pykvm._native_loader import ffi, lib
+from pykvm.errors import KvmError, check
+
+if TYPE_CHECKING:
+    from pykvm.stats import StatsFd
+
+PAGE_SIZE = 4096
+
+
+class Vcpu:
+    """A virtual CPU.  Close it with ``close()`` or a ``with`` block."""
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        self._fd = fd
+        self.id = vcpu_id
+        self._mmap_size = mmap_size
+        err = ffi.new("int *")
+        mapping = lib.pykvm_mmap_fd(fd, mmap_size, err)
+        if mapping == ffi.NULL:
+            os.close(fd)
+            self._fd = -1
+            raise KvmError("mmap(vcpu fd)", err[0])
+        self._mapping = mapping
+        self.kvm_run = ffi.cast("struct kvm_run *", mapping)
+        """The shared ``struct kvm_run`` page: exit reason and data of the last KVM_RUN."""
+
+    # -- ownership -----------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("Vcpu is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Unmap kvm_run and close the vCPU fd."""
+        if self._mapping is not None:
+            lib.pykvm_munmap(self._mapping, self._mmap_size)
+            self._mapping = None
+            self.kvm_run = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Vcpu":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0 or getattr(self, "_mapping", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.id} fd={self._fd}>"
+
+    def _get(self, name: str, request: int, ctype: str):
+        value = ffi.new(ctype)
+        check(name, lib.pykvm_ioctl_ptr(self.fd, request, value))
+        return value
+
+    def _set(self, name: str, request: int, value) -> None:
+        check(name, lib.pykvm_ioctl_ptr(self.fd, request, value))
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> exits.Exit:
+        """KVM_RUN: enter the guest until the next exit KVM returns to user space.
+
+        Returns the decoded exit.  EINTR/EAGAIN (a signal, or ``immediate_exit``
+        set) are normal: they return ``exits.Interrupted``.  The GIL is
+        released while the guest runs.
+        """
+        rc = lib.pykvm_ioctl(self.fd, lib.KVM_RUN, 0)
+        if rc < 0:
+            if rc in (-4, -11):  # EINTR, EAGAIN
+                return exits.INTERRUPTED
+            raise KvmError("KVM_RUN", -rc)
+        return exits.decode(self.kvm_run)
+
+    @property
+    def immediate_exit(self) -> bool:
+        """kvm_run.immediate_exit: when set, the next KVM_RUN returns EINTR at once."""
+        return bool(self.kvm_run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.kvm_run.immediate_exit = int(value)
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Answer the IN that the last KVM_RUN returned (written into kvm_run)."""
+        exits.complete_io_in(self.kvm_run, data)
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Answer the MMIO read that the last KVM_RUN returned."""
+        exits.complete_mmio_read(self.kvm_run, data)
+
+    def drain_coalesced(self) -> list[tuple[int, bytes, bool]]:
+        """Empty the coalesced MMIO/PIO ring (the page at KVM_COALESCED_MMIO_PAGE_OFFSET).
+
+        Returns ``(address, data, is_pio)`` for each buffered write, oldest first.
+        """
+        ring = ffi.cast(
+            "struct kvm_coalesced_mmio_ring *",
+            ffi.cast("char *", self._mapping) + lib.KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE,
+        )
+        capacity = (PAGE_SIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
+            "struct kvm_coalesced_mmio"
+        )
+        entries = []
+        while ring.first != ring.last:
+            e = ring.coalesced_mmio[ring.first]
+            entries.append((e.phys_addr, bytes(ffi.buffer(e.data, e.len)), bool(e.pio)))
+            ring.first = (ring.first + 1) % capacity
+        return entries
+
+    # -- general-purpose and special registers ---------------------------------
+    def get_regs(self):
+        """KVM_GET_REGS: RAX..R15, RIP, RFLAGS as ``struct kvm_regs``."""
+        return self._get("KVM_GET_REGS", lib.KVM_GET_REGS, "struct kvm_regs *")
+
+    def set_regs(self, regs) -> None:
+        """KVM_SET_REGS."""
+        self._set("KVM_SET_REGS", lib.KVM_SET_REGS, regs)
+
+    def get_sregs(self):
+        """KVM_GET_SREGS: segments, descriptor tables, CR0-CR8, EFER, APIC base."""
+        return self._get("KVM_GET_SREGS", lib.KVM_GET_SREGS, "struct kvm_sregs *")
+
+    def set_sregs(self, sregs) -> None:
+        """KVM_SET_SREGS."""
+        self._set("KVM_SET_SREGS", lib.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self):
+        """KVM_GET_FPU: x87, SSE registers and MXCSR (fxsave layout)."""
+        return self._get("KVM_GET_FPU", lib.KVM_GET_FPU, "struct kvm_fpu *")
+
+    def set_fpu(self, fpu) -> None:
+        """KVM_SET_FPU."""
+        self._set("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
+
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: read the given MSRs.  Raises if KVM read fewer than asked."""
+        n = len(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        got = check("KVM_GET_MSRS", lib.pykvm_ioctl_ptr(self.fd, lib.KVM_GET_MSRS, msrs))
+        if got != n:
+            raise KvmError("KVM_GET_MSRS", 22, f"MSR {indices[got]:#x} is not readable")
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """KVM_SET_MSRS: write MSRs.  Raises naming the first MSR KVM refused."""
+        items = list(values.items())
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (index, data) in enumerate(items):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        done = check("KVM_SET_MSRS", lib.pykvm_ioctl_ptr(self.fd, lib.KVM_SET_MSRS, msrs))
+        if done != len(items):
+            raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[done][0]:#x} was refused")
+
+    def set_cpuid2(self, cpuid) -> None:
+        """KVM_SET_CPUID2: the CPUID table the guest sees (``struct kvm_cpuid2 *``)."""
+        self._set("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, cpuid)
+
+    def get_cpuid2(self, max_entries: int = 256):
+        """KVM_GET_CPUID2: the CPUID table set on this vCPU."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
+        self._set("KVM_GET_CPUID2", lib.KVM_GET_CPUID2, cpuid)
+        return cpuid
+
+    # -- interrupt controller and events -----------------------------------------
+    def get_lapic(self):
+        """KVM_GET_LAPIC: the local APIC's 1 KiB register page (needs an in-kernel irqchip)."""
+        return self._get("KVM_GET_LAPIC", lib.KVM_GET_LAPIC, "struct kvm_lapic_state *")
+
+    def set_lapic(self, lapic) -> None:
+        """KVM_SET_LAPIC."""
+        self._set("KVM_SET_LAPIC", lib.KVM_SET_LAPIC, lapic)
+
+    def get_vcpu_events(self):
+        """KVM_GET_VCPU_EVENTS: pending/injected exceptions, interrupts, NMI, SIPI."""
+        return self._get("KVM_GET_VCPU_EVENTS", lib.KVM_GET_VCPU_EVENTS, "struct kvm_vcpu_events *")
+
+    def set_vcpu_events(self, events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._set("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: KVM_MP_STATE_RUNNABLE, _HALTED, _INIT_RECEIVED, ..."""
+        return self._get("KVM_GET_MP_STATE", lib.KVM_GET_MP_STATE, "struct kvm_mp_state *").mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        self._set("KVM_SET_MP_STATE", lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    # -- debugging ---------------------------------------------------------------
+    def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: DR0-DR3, DR6, DR7."""
+        return self._get("KVM_GET_DEBUGREGS", lib.KVM_GET_DEBUGREGS, "struct kvm_debugregs *")
+
+    def set_debugregs(self, debugregs) -> None:
+        """KVM_SET_DEBUGREGS."""
+        self._set("KVM_SET_DEBUGREGS", lib.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_xcrs(self):
+        """KVM_GET_XCRS: extended control registers (XCR0)."""
+        return self._get("KVM_GET_XCRS", lib.KVM_GET_XCRS, "struct kvm_xcrs *")
+
+    def set_xcrs(self, xcrs) -> None:
+        """KVM_SET_XCRS."""
+        self._set("KVM_SET_XCRS", lib.KVM_SET_XCRS, xcrs)
+
+    def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step and breakpoints.
+
+        ``control`` combines KVM_GUESTDBG_ENABLE with SINGLESTEP, USE_SW_BP,
+        USE_HW_BP; ``debugreg`` gives DR0-DR3, (DR4, DR5 unused), DR6, DR7
+        for hardware breakpoints.  ``control=0`` turns debugging off.
+        """
+        dbg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for i, value in enumerate(debugreg):
+            dbg.arch.debugreg[i] = value
+        self._set("KVM_SET_GUEST_DEBUG", lib.KVM_SET_GUEST_DEBUG, dbg)
+
+    def translate(self, linear_address: int):
+        """KVM_TRANSLATE: KVM's GVA->GPA translation (``valid`` is 0 when it has none).
+
+        On pvm-nested hosts KVM answers valid=0 even for mapped addresses;
+        ``pykvm.x86.paging.walk`` is pykvm's own source of truth.
+        """
+        tr = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
+        self._set("KVM_TRANSLATE", lib.KVM_TRANSLATE, tr)
+        return tr
+
+    def stats_fd(self) -> "StatsFd":
+        """KVM_GET_STATS_FD: the vCPU's binary statistics (a ``StatsFd`` that owns the fd)."""
+        from pykvm.stats import StatsFd
+
+        fd = check("KVM_GET_STATS_FD", lib.pykvm_ioctl(self.fd, lib.KVM_GET_STATS_FD, 0))
+        return StatsFd(fd, f"vcpu{self.id}")

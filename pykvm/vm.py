@@ -1,0 +1,195 @@
+"""A VM file descriptor: ``Vm``.
+
+Second fd level of the KVM API.  One method per VM ioctl; the docstring's
+first line names it (Documentation/virt/kvm/api.rst, section 4).  A ``Vm``
+owns its fd; vCPUs created from it own theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from pykvm._native_loader import ffi, lib
+from pykvm.errors import check
+
+if TYPE_CHECKING:
+    from pykvm.stats import StatsFd
+    from pykvm.vcpu import Vcpu
+
+PAGE_SIZE = 4096
+
+
+class Vm:
+    """A KVM virtual machine.  Close it with ``close()`` or a ``with`` block."""
+
+    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
+        self._fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
+
+    # -- ownership -----------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("Vm is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the VM fd.  The kernel frees the VM when its vCPU fds are closed too."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Vm fd={self._fd}>"
+
+    def _ioctl(self, name: str, request: int, arg) -> int:
+        if isinstance(arg, int):
+            return check(name, lib.pykvm_ioctl(self.fd, request, arg))
+        return check(name, lib.pykvm_ioctl_ptr(self.fd, request, arg))
+
+    # -- capabilities --------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
+        return self._ioctl("KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION, cap)
+
+    # -- memory --------------------------------------------------------------
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION: map host memory at a guest-physical range.
+
+        ``flags`` may hold KVM_MEM_READONLY (guest writes become MMIO exits)
+        and KVM_MEM_LOG_DIRTY_PAGES.  A ``memory_size`` of 0 deletes the slot.
+        """
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": guest_phys_addr,
+                "memory_size": memory_size,
+                "userspace_addr": userspace_addr,
+            },
+        )
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", lib.KVM_SET_USER_MEMORY_REGION, region)
+
+    def delete_user_memory_region(self, slot: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION with size 0: remove ``slot``."""
+        self.set_user_memory_region(slot, 0, 0, 0)
+
+    def get_dirty_log(self, slot: int, memory_size: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of ``slot`` written since the last call.
+
+        The slot must have KVM_MEM_LOG_DIRTY_PAGES.  Reading clears the log.
+        """
+        pages = (memory_size + PAGE_SIZE - 1) // PAGE_SIZE
+        nbytes = ((pages + 63) // 64) * 8
+        bitmap = ffi.new("uint8_t[]", nbytes)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = bitmap
+        self._ioctl("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))
+
+    # -- x86 setup -------------------------------------------------------------
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode)."""
+        self._ioctl("KVM_SET_TSS_ADDR", lib.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for the EPT identity map (Intel)."""
+        value = ffi.new("uint64_t *", addr)
+        self._ioctl("KVM_SET_IDENTITY_MAP_ADDR", lib.KVM_SET_IDENTITY_MAP_ADDR, value)
+
+    # -- interrupts ------------------------------------------------------------
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC pair, IOAPIC and a local APIC per vCPU."""
+        self._ioctl("KVM_CREATE_IRQCHIP", lib.KVM_CREATE_IRQCHIP, 0)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2: in-kernel i8254 timer (flags: KVM_PIT_SPEAKER_DUMMY)."""
+        config = ffi.new("struct kvm_pit_config *", {"flags": flags})
+        self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive GSI ``irq`` of the in-kernel irqchip high (1) or low (0)."""
+        line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
+        self._ioctl("KVM_IRQ_LINE", lib.KVM_IRQ_LINE, line)
+
+    def irqfd(self, fd: int, gsi: int, *, resamplefd: int | None = None, deassign: bool = False) -> None:
+        """KVM_IRQFD: writing the eventfd ``fd`` raises ``gsi`` without a syscall to this process."""
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        spec = {"fd": fd, "gsi": gsi, "flags": flags}
+        if resamplefd is not None:
+            spec["flags"] |= 2  # KVM_IRQFD_FLAG_RESAMPLE
+            spec["resamplefd"] = resamplefd
+        self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, ffi.new("struct kvm_irqfd *", spec))
+
+    # -- I/O handled in the kernel ---------------------------------------------
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        *,
+        pio: bool = False,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None:
+        """KVM_IOEVENTFD: a guest write to ``addr`` signals eventfd ``fd`` instead of exiting.
+
+        ``length`` 0 matches any access size (KVM_CAP_IOEVENTFD_ANY_LENGTH).
+        """
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        spec = ffi.new(
+            "struct kvm_ioeventfd *",
+            {"datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags},
+        )
+        self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, spec)
+
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: buffer writes to a zone in a ring instead of exiting.
+
+        With ``pio=True`` the zone is a port range (KVM_CAP_COALESCED_PIO).
+        The ring is read with ``Vcpu.drain_coalesced()``.
+        """
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl("KVM_REGISTER_COALESCED_MMIO", lib.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO: remove a zone registered before."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", lib.KVM_UNREGISTER_COALESCED_MMIO, zone)
+
+    # -- vCPUs and statistics ----------------------------------------------------
+    def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
+        """KVM_CREATE_VCPU: a vCPU with APIC ID ``vcpu_id``; it owns its fd and kvm_run mapping."""
+        from pykvm.vcpu import Vcpu
+
+        fd = self._ioctl("KVM_CREATE_VCPU", lib.KVM_CREATE_VCPU, vcpu_id)
+        return Vcpu(fd, vcpu_id, self.vcpu_mmap_size)
+
+    def stats_fd(self) -> "StatsFd":
+        """KVM_GET_STATS_FD: the VM's binary statistics (a ``StatsFd`` that owns the fd)."""
+        from pykvm.stats import StatsFd
+
+        return StatsFd(self._ioctl("KVM_GET_STATS_FD", lib.KVM_GET_STATS_FD, 0), "vm")
