@@ -1,0 +1,226 @@
+"""The port-I/O and MMIO buses: which device answers which address.
+
+x86 has two address spaces for devices: 64 Ki I/O ports reached with IN/OUT
+(``pio``) and memory-mapped I/O, guest-physical addresses that no RAM backs
+(``mmio``).  Each is a :class:`Bus`: a sorted list of non-overlapping ranges,
+each owned by a device (kvmtool's ``kvm__register_pio/mmio``, Firecracker's
+``vmm::Bus``).  The bus turns an address into (device, offset) and counts the
+accesses; the device never sees the address itself.
+
+Rules:
+
+* A range has a non-zero length, fits in its address space (ports below
+  0x10000, MMIO below 2**64) and overlaps no other range.  Violations raise
+  :class:`BusError` naming both ranges.
+* An access must lie wholly inside one range; one that starts in a range and
+  runs past its end is treated as unmapped, like an access to nothing.
+* An unmapped read returns all-ones (an undriven bus floats high) and an
+  unmapped write is dropped.  Each new address is logged once at WARNING on
+  the ``pykvm.bus`` logger, repeats at DEBUG.  On a strict bus, an unmapped
+  access raises :class:`UnmappedAccess` instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from pykvm.devices import Device
+
+log = logging.getLogger("pykvm.bus")
+
+#: Size of each address space: 16-bit I/O ports, 64-bit physical addresses.
+ADDRESS_SPACE_SIZE = {"pio": 1 << 16, "mmio": 1 << 64}
+
+# Unmapped addresses remembered for rate-limited logging; a guest probing a
+# whole address space must not grow this set without bound.
+_MAX_WARNED_ADDRESSES = 4096
+
+
+class BusError(ValueError):
+    """A range cannot be registered (or unregistered) as asked."""
+
+
+class UnmappedAccess(Exception):
+    """The guest accessed an address no device answers, on a strict bus."""
+
+    def __init__(
+        self, kind: str, address: int, size: int, is_write: bool, rip: int | None = None
+    ) -> None:
+        self.kind = kind
+        self.address = address
+        self.size = size
+        self.is_write = is_write
+        self.rip = rip
+        super().__init__(describe_access(kind, address, size, is_write, rip))
+
+
+def describe_access(
+    kind: str, address: int, size: int, is_write: bool, rip: int | None = None
+) -> str:
+    """Say "unmapped PIO write to port 0x1234 (1 byte) at RIP 0x100012"."""
+    direction = "write to" if is_write else "read from"
+    where = "port" if kind == "pio" else "address"
+    plural = "" if size == 1 else "s"
+    text = f"unmapped {kind.upper()} {direction} {where} {address:#x}"
+    text += f" ({size} byte{plural})"
+    if rip is not None:
+        text += f" at RIP {rip:#x}"
+    return text
+
+
+class BusRange(NamedTuple):
+    """One registered range: ``length`` addresses from ``base``."""
+
+    base: int
+    length: int
+    name: str
+    device: Device
+
+    @property
+    def end(self) -> int:
+        """The first address past the range."""
+        return self.base + self.length
+
+    def __str__(self) -> str:
+        return f"{self.base:#x}-{self.end - 1:#x} ({self.name})"
+
+
+class Bus:
+    """A port-I/O (``"pio"``) or MMIO (``"mmio"``) bus.
+
+    ``strict`` (also settable later as an attribute) makes unmapped accesses
+    raise :class:`UnmappedAccess`.  ``stats`` maps each device name to its
+    number of accesses; ``unmapped`` counts accesses that found no device.
+    """
+
+    def __init__(self, kind: str, *, strict: bool = False) -> None:
+        if kind not in ADDRESS_SPACE_SIZE:
+            raise ValueError(f"bus kind must be 'pio' or 'mmio', not {kind!r}")
+        self.kind = kind
+        self.strict = strict
+        self.stats: dict[str, int] = {}
+        self.unmapped = 0
+        self._limit = ADDRESS_SPACE_SIZE[kind]
+        self._bases: list[int] = []  # sorted; parallel to _ranges
+        self._ranges: list[BusRange] = []
+        self._warned: set[int] = set()
+
+    # -- registration ---------------------------------------------------------
+
+    def register(
+        self, base: int, length: int, device: Device, name: str | None = None
+    ) -> None:
+        """Map ``device`` at ``length`` addresses from ``base``.
+
+        ``name`` labels the range and its counter; by default it is the
+        device's ``name`` attribute, else its class name.  One device may be
+        registered at several ranges, but two devices may not share a name.
+        """
+        if name is None:
+            name = getattr(device, "name", None) or type(device).__name__
+        new = BusRange(base, length, name, device)
+        space = self.kind.upper()
+        if length <= 0:
+            raise BusError(f"{space} range {name} at {base:#x} has zero length")
+        if base < 0 or new.end > self._limit:
+            raise BusError(
+                f"{space} range {base:#x}+{length:#x} ({name}) does not fit "
+                f"below {self._limit:#x}"
+            )
+        for other in self._ranges:
+            if other.name == name and other.device is not device:
+                raise BusError(
+                    f"{space} range {new}: name already used by {other}; "
+                    "pass name= to register"
+                )
+        i = bisect.bisect_right(self._bases, base)
+        # Sorted and disjoint: only the neighbours on each side can overlap.
+        for other in self._ranges[max(i - 1, 0) : i + 1]:
+            if other.base < new.end and base < other.end:
+                raise BusError(f"{space} range {new} overlaps {other}")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, new)
+        self.stats.setdefault(name, 0)
+
+    def unregister(self, device_or_base: Device | int) -> None:
+        """Remove the range starting at a base address, or all of a device's.
+
+        Access counts are kept in ``stats``.
+        """
+        if isinstance(device_or_base, int):
+            keep = [m for m in self._ranges if m.base != device_or_base]
+            what = f"at {device_or_base:#x}"
+        else:
+            keep = [m for m in self._ranges if m.device is not device_or_base]
+            what = f"for {device_or_base!r}"
+        if len(keep) == len(self._ranges):
+            raise BusError(f"no {self.kind.upper()} range registered {what}")
+        self._ranges = keep
+        self._bases = [m.base for m in keep]
+
+    def find(self, address: int) -> tuple[int, Device] | None:
+        """Return ``(base, device)`` of the range holding ``address``, if any."""
+        entry = self._range_at(address)
+        return None if entry is None else (entry.base, entry.device)
+
+    def __iter__(self) -> Iterator[BusRange]:
+        """The ranges, in address order."""
+        return iter(list(self._ranges))
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __repr__(self) -> str:
+        ranges = ", ".join(str(m) for m in self._ranges)
+        return f"<Bus {self.kind}: {ranges}>"
+
+    def _range_at(self, address: int) -> BusRange | None:
+        i = bisect.bisect_right(self._bases, address) - 1
+        if i >= 0 and address < self._ranges[i].end:
+            return self._ranges[i]
+        return None
+
+    # -- accesses -------------------------------------------------------------
+
+    def read(self, address: int, size: int, rip: int | None = None) -> bytes:
+        """Read ``size`` bytes at ``address``; ``rip`` is for error messages."""
+        entry = self._range_at(address)
+        if entry is None or address + size > entry.end:
+            self._unmapped_access(address, size, False, rip)
+            return b"\xff" * size
+        self.stats[entry.name] += 1
+        data = entry.device.read(address - entry.base, size)
+        if len(data) != size:
+            raise BusError(
+                f"{entry.name} returned {len(data)} bytes for a {size}-byte read"
+            )
+        return data
+
+    def write(self, address: int, data: bytes, rip: int | None = None) -> None:
+        """Write ``data`` at ``address``; ``rip`` is for error messages."""
+        entry = self._range_at(address)
+        if entry is None or address + len(data) > entry.end:
+            self._unmapped_access(address, len(data), True, rip)
+            return
+        self.stats[entry.name] += 1
+        entry.device.write(address - entry.base, data)
+
+    def _unmapped_access(
+        self, address: int, size: int, is_write: bool, rip: int | None
+    ) -> None:
+        self.unmapped += 1
+        if self.strict:
+            raise UnmappedAccess(self.kind, address, size, is_write, rip)
+        # Guests probe for hardware (Linux reads dozens of absent ports at
+        # boot): warn once per address so the log stays readable.
+        if address in self._warned or len(self._warned) >= _MAX_WARNED_ADDRESSES:
+            level = logging.DEBUG
+        else:
+            self._warned.add(address)
+            level = logging.WARNING
+        if log.isEnabledFor(level):
+            message = describe_access(self.kind, address, size, is_write, rip)
+            log.log(level, "%s", message)
