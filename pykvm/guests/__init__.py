@@ -1,0 +1,267 @@
+"""The tiny freestanding guests shipped with pykvm.
+
+The sources live in ``guests/`` at the top of the repository; ``make -C
+guests`` assembles them into flat binaries in this package's ``bin/``
+directory.  This module names them and says how to run each one: its CPU
+mode (one of the contract's mode names), load address, privilege level,
+arguments and how it stops.  It imports nothing else from pykvm, so it works
+before the C extension is built.
+
+Example::
+
+    from pykvm import guests
+    image = guests.path("hello64").read_bytes()
+    info = guests.info("hello64")      # mode "long", load_addr 0x100000
+
+Every guest checks itself: it computes something and reports it on COM1
+and in EAX/RAX, so a test asserts a value, not just "it halted".
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BENCH_KINDS",
+    "BENCH_PARAMS_MAGIC",
+    "BENCH_PARAMS_OFFSET",
+    "BIN_DIR",
+    "GUESTS",
+    "GuestInfo",
+    "GuestNotBuilt",
+    "GuestNotFound",
+    "bench_params_offset",
+    "info",
+    "names",
+    "patch_bench_params",
+    "path",
+]
+
+#: Where ``make -C guests`` writes the binaries.
+BIN_DIR: Path = Path(__file__).resolve().parent / "bin"
+
+REAL_LOAD_ADDR = 0x8000
+LOAD_ADDR = 0x100000
+
+#: File offset of the 16-byte parameter block in ``bench32.bin``:
+#: 8-byte magic ``PKVMARGS``, then little-endian u32 kind and u32 N.
+#: Read by the guest only when a multiboot loader started it.
+BENCH_PARAMS_OFFSET = 0x30
+BENCH_PARAMS_MAGIC = b"PKVMARGS"
+
+#: Exit-benchmark kinds (argument 0 of bench32, bench64, bench64u).
+BENCH_KINDS: dict[str, int] = {
+    "empty": 0,
+    "out": 1,
+    "in": 2,
+    "mmio_write": 3,
+    "mmio_read": 4,
+    "cpuid": 5,
+    "hlt": 6,
+}
+
+_BENCH_ARGS = (
+    "arg0 (EDI/RDI) = kind: 0 empty loop, 1 OUT port 0x700, 2 IN port 0x700, "
+    "3 MMIO write 0xe0000000, 4 MMIO read 0xe0000000, 5 CPUID leaf 0, 6 HLT; "
+    "arg1 (ESI/RSI) = N iterations (0 means 1000); "
+    "result RAX = N, or 0xffffffff for an unknown kind"
+)
+
+
+class GuestNotFound(LookupError):
+    """The name is not one of the shipped guests."""
+
+
+class GuestNotBuilt(FileNotFoundError):
+    """The guest is known but its .bin has not been built (run make)."""
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """What a host needs to know to run one guest.
+
+    Attributes:
+        name: file stem of the binary (``bin/<name>.bin``).
+        mode: CPU mode name from the contract: ``real``, ``protected``,
+            ``paged32``, ``long`` or ``long_user``.
+        load_addr: guest-physical load address; also the entry point.
+        description: one line: what the guest does and reports.
+        cpl: privilege level the code runs at (0, or 3 for ``long_user``).
+        args: what arg0 (EDI/RDI) and arg1 (ESI/RSI) mean, and the result.
+        stop: how the guest ends: ``hlt`` (KVM_EXIT_HLT), ``reset`` (0xFE
+            written to port 0x64), ``never`` (spins until stopped) or
+            ``shutdown`` (triple fault, KVM_EXIT_SHUTDOWN).
+    """
+
+    name: str
+    mode: str
+    load_addr: int
+    description: str
+    cpl: int
+    args: str
+    stop: str
+
+
+def _guest(name: str, mode: str, description: str, args: str = "none") -> GuestInfo:
+    """Build a GuestInfo, deriving load address, CPL and ending from the mode."""
+    user = mode == "long_user"
+    return GuestInfo(
+        name=name,
+        mode=mode,
+        load_addr=REAL_LOAD_ADDR if mode == "real" else LOAD_ADDR,
+        description=description,
+        cpl=3 if user else 0,
+        args=args,
+        stop="reset" if user else "hlt",
+    )
+
+
+def _hello(name: str, mode: str, words: str) -> GuestInfo:
+    """A hello guest: greeting plus Adler-32 of its own image."""
+    return _guest(
+        name,
+        mode,
+        f'prints "Hello from {words}\\n" and "checksum 0x%08x\\n" (Adler-32 of '
+        "its image) on COM1; result EAX = the checksum",
+    )
+
+
+#: Every shipped guest, by name.
+GUESTS: dict[str, GuestInfo] = {
+    g.name: g
+    for g in (
+        _hello("hello16", "real", "real mode"),
+        _hello("hello32", "protected", "32-bit protected mode"),
+        _hello("hello32p", "paged32", "32-bit paged mode"),
+        _hello("hello64", "long", "long mode"),
+        _hello("hello64u", "long_user", "long mode, ring 3"),
+        _guest(
+            "primes64u",
+            "long_user",
+            'counts primes below N natively at CPL 3, prints "primes below N: X\\n"',
+            "arg0 (EDI) = N (0 means 100000); result RAX = X "
+            "(9592 below 100000, 78498 below 1000000)",
+        ),
+        _guest(
+            "bench32",
+            "protected",
+            "exit benchmark loop; also a Multiboot v1 kernel (a.out kludge) that "
+            "reads kind and N from its PKVMARGS block and ends via isa-debug-exit",
+            _BENCH_ARGS + "; kind 6 is unsupported under a multiboot loader (RAX = 0)",
+        ),
+        _guest("bench64", "long", "exit benchmark loop at CPL 0", _BENCH_ARGS),
+        _guest(
+            "bench64u",
+            "long_user",
+            "exit benchmark loop at CPL 3 (native execution)",
+            _BENCH_ARGS + "; kind 6 (HLT) is unsupported at CPL 3: stops at once, RAX = 0",
+        ),
+        _guest(
+            "uart_echo",
+            "protected",
+            "programs the 16550 at 0x3f8, prints \"uart ready\\n\", echoes input "
+            "until 0x04 (EOT), prints \"\\nbye\\n\"; polls LSR before every byte",
+            "none; result EAX = number of bytes echoed",
+        ),
+        GuestInfo("spin16", "real", REAL_LOAD_ADDR, "jmp . forever (timeout tests)", 0, "none", "never"),
+        GuestInfo("spin64", "long", LOAD_ADDR, "jmp . forever at CPL 0 (timeout tests)", 0, "none", "never"),
+        GuestInfo(
+            "spin64u",
+            "long_user",
+            LOAD_ADDR,
+            "jmp . forever at CPL 3, running natively (timeout tests)",
+            3,
+            "none",
+            "never",
+        ),
+        GuestInfo(
+            "triple64",
+            "long",
+            LOAD_ADDR,
+            "executes UD2 with an empty IDT: triple fault, KVM_EXIT_SHUTDOWN",
+            0,
+            "none",
+            "shutdown",
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    """Return the names of all shipped guests, sorted."""
+    return sorted(GUESTS)
+
+
+def info(name: str) -> GuestInfo:
+    """Return the GuestInfo of guest *name*.
+
+    Raises:
+        GuestNotFound: *name* is not a shipped guest.
+    """
+    try:
+        return GUESTS[name]
+    except KeyError:
+        raise GuestNotFound(
+            f"unknown guest {name!r}; known guests: {', '.join(names())}"
+        ) from None
+
+
+def path(name: str, bin_dir: Path | str | None = None) -> Path:
+    """Return the path of guest *name*'s flat binary.
+
+    Args:
+        name: a guest name from :func:`names`.
+        bin_dir: directory holding the ``.bin`` files; default :data:`BIN_DIR`
+            (use it with ``make -C guests OUT=...``).
+
+    Raises:
+        GuestNotFound: *name* is not a shipped guest.
+        GuestNotBuilt: the binary does not exist yet.
+    """
+    info(name)
+    directory = Path(bin_dir) if bin_dir is not None else BIN_DIR
+    file = directory / f"{name}.bin"
+    if not file.is_file():
+        raise GuestNotBuilt(
+            f"guest {name!r} is not built: {file} does not exist; "
+            "run `make -C guests` in the pykvm source tree"
+        )
+    return file
+
+
+def bench_params_offset(name: str = "bench32") -> int:
+    """Return the file offset of the PKVMARGS parameter block of *name*.
+
+    Only ``bench32`` has one (it is the multiboot-capable benchmark guest).
+
+    Raises:
+        GuestNotFound: *name* is not a shipped guest.
+        ValueError: the guest has no parameter block.
+    """
+    info(name)
+    if name != "bench32":
+        raise ValueError(f"guest {name!r} has no PKVMARGS parameter block (only bench32)")
+    return BENCH_PARAMS_OFFSET
+
+
+def patch_bench_params(image: bytes, kind: int, n: int) -> bytes:
+    """Return a copy of the bench32 *image* with kind and N in its parameter block.
+
+    The patched image, booted by a multiboot loader (QEMU ``-kernel``), runs
+    *n* iterations of *kind* without any register setup.
+
+    Raises:
+        ValueError: the image has no PKVMARGS block at the expected offset,
+            or kind / n do not fit in 32 bits.
+    """
+    off = BENCH_PARAMS_OFFSET
+    if image[off : off + len(BENCH_PARAMS_MAGIC)] != BENCH_PARAMS_MAGIC:
+        raise ValueError(f"no {BENCH_PARAMS_MAGIC!r} block at offset {off:#x}: not bench32.bin")
+    if not (0 <= kind <= 0xFFFFFFFF and 0 <= n <= 0xFFFFFFFF):
+        raise ValueError(f"kind and n must be u32, got kind={kind} n={n}")
+    patched = bytearray(image)
+    start = off + len(BENCH_PARAMS_MAGIC)
+    patched[start : start + 8] = struct.pack("<II", kind, n)
+    return bytes(patched)
