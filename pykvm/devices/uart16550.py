@@ -100,6 +100,9 @@ HOST_MODEM_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 DEFAULT_DIVISOR = 12  # 9600 baud from the PC's 1.8432 MHz clock
 
 
+FROM_HOST = 0x100  # marks receiver bytes that came from the host queue
+
+
 class Uart16550:
     """A 16550A UART: registers at offsets 0..7, one interrupt line.
 
@@ -127,7 +130,9 @@ class Uart16550:
         self.bytes_out = 0  # bytes transmitted to ``output``
         self.bytes_in = 0  # bytes moved from the host queue into the receiver
         self._host_input: deque[int] = deque()
-        self._rx: deque[int] = deque()  # RBR, or the receiver FIFO
+        # RBR, or the receiver FIFO.  Bytes that came from the host queue carry
+        # FROM_HOST so that a FIFO reset can hand them back (see _clear_rx).
+        self._rx: deque[int] = deque()
         self._irq_level = False
         # Neither the divisor latch nor SCR is touched by a master reset.
         self._divisor = DEFAULT_DIVISOR
@@ -230,7 +235,7 @@ class Uart16550:
     def _read_rbr(self) -> int:
         if not self._rx:
             return 0  # undefined on the chip; 0 is as good as any
-        value = self._rx.popleft()
+        value = self._rx.popleft() & 0xFF
         self._fill_receiver()
         return value
 
@@ -254,8 +259,21 @@ class Uart16550:
         if self._mcr & MCR_LOOP:
             return
         while self._host_input and len(self._rx) < self._rx_capacity:
-            self._rx.append(self._host_input.popleft())
+            self._rx.append(self._host_input.popleft() | FROM_HOST)
             self.bytes_in += 1
+
+    def _clear_rx(self) -> None:
+        """Empty the receiver (FIFO reset or mode switch).
+
+        Loopback bytes are lost, as on the chip.  Bytes from the host queue
+        go back to its front: the host end of this virtual wire is flow
+        controlled, so input typed before the guest initialised the UART
+        (which resets the FIFO) is not silently dropped.
+        """
+        from_host = [v & 0xFF for v in self._rx if v & FROM_HOST]
+        self._rx.clear()
+        self._host_input.extendleft(reversed(from_host))
+        self.bytes_in -= len(from_host)
 
     def _read_lsr(self) -> int:
         value = LSR_THRE | LSR_TEMT  # transmission is instantaneous
@@ -270,13 +288,13 @@ class Uart16550:
         enable = value & FCR_ENABLE
         if enable != self._fcr & FCR_ENABLE:
             # Switching between FIFO and 16450 mode empties the FIFOs.
-            self._rx.clear()
+            self._clear_rx()
         if not enable:
             # Other bits are not programmed unless bit 0 is set.
             self._fcr = 0
         else:
             if value & FCR_CLEAR_RX:
-                self._rx.clear()
+                self._clear_rx()
             # FCR_CLEAR_TX: the transmitter FIFO is always empty here.
             self._fcr = value & (FCR_ENABLE | FCR_TRIGGER)
         self._fill_receiver()
