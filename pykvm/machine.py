@@ -1,0 +1,492 @@
+"""``Machine``: memory + a vCPU + buses + devices + a loader + the run loop.
+
+This is the layer most users touch::
+
+    with Machine(memory="64M") as m:
+        m.load_guest("hello64")
+        result = m.run(timeout=5)
+        print(result.serial_text, result.ended)
+
+The default devices are what tiny test guests expect of a PC: a 16550 UART
+on COM1 (0x3f8, IRQ 4), QEMU's isa-debug-exit at 0xf4, a POST-code sink at
+0x80 and the i8042's reset line at 0x64.  Exits go first to the C loop,
+which handles the ranges it was given (the UART's transmit register, the
+debug-exit port, ...) and returns the rest to Python's buses.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pykvm import exits
+from pykvm.bus import Bus, UnmappedAccess
+from pykvm.devices import DebugExit, DeviceStop, I8042, Port80, Uart16550
+from pykvm.dispatch import dispatch
+from pykvm.errors import GuestError, KvmError, LoaderError
+from pykvm.memory import GuestMemory, parse_size
+from pykvm.runloop import (
+    MMIO, PIO, READ_CONST, READ_PASS, RET_DEBUG_EXIT, RET_ERROR, RET_INTR, WRITE_DEBUG_EXIT, WRITE_DROP,
+    WRITE_PASS, WRITE_TXBUF, FastRange, RunLoop,
+)
+from pykvm.system import Kvm
+from pykvm.x86 import layout
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+DEBUG_EXIT_PORT = 0xF4
+POST_PORT = 0x80
+I8042_COMMAND_PORT = 0x64
+
+# Guest-physical space above RAM that stays free for MMIO (virtio, benchmarks).
+MMIO_HOLE_START = 0xC000_0000
+HIGH_MEMORY_START = 1 << 32
+
+# pykvm's GDT, TSS, page tables and stack live below this address.
+_LOW_RESERVED_END = layout.STACK_TOP
+
+# Keep at most this much serial output in a RunResult; a runaway guest
+# printing forever must not exhaust host memory.
+SERIAL_CAPTURE_LIMIT = 16 << 20
+
+KICK_SIGNAL = signal.SIGRTMIN
+
+_kick_installed = False
+
+
+def _install_kick_handler() -> None:
+    """A no-op handler for the kick signal, so a signalled KVM_RUN returns EINTR."""
+    global _kick_installed
+    if not _kick_installed:
+        from pykvm._native_loader import lib
+
+        rc = lib.pykvm_install_kick_handler(int(KICK_SIGNAL))
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc), "sigaction")
+        _kick_installed = True
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended and what the guest did.
+
+    ``ended`` is one of: ``hlt``, ``debug-exit``, ``reset``, ``shutdown``
+    (triple fault), ``timeout``, ``interrupted`` (Ctrl-C), ``internal-error``,
+    ``fail-entry``, ``guest-error`` (strict bus), ``system-event``,
+    ``debug``, ``unknown``.  ``exit_status`` is what a command line should
+    return: the debug-exit status, 0 on a clean HLT or reset, None otherwise.
+    """
+
+    ended: str
+    exit_status: int | None
+    serial: bytes
+    exits: dict[str, dict[str, int]]
+    seconds: float
+    seconds_in_run: float
+    seconds_in_c: float
+    seconds_in_python: float
+    regs: dict[str, int] = field(default_factory=dict)
+    message: str = ""
+    last_exit: object = None
+    c_hits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def serial_text(self) -> str:
+        return self.serial.decode("utf-8", "replace")
+
+    @property
+    def clean(self) -> bool:
+        """True for a guest that stopped itself (HLT, reset or debug-exit)."""
+        return self.ended in ("hlt", "reset", "debug-exit")
+
+    @property
+    def user_exits(self) -> int:
+        return sum(v["total"] for k, v in self.exits.items() if k != "intr")
+
+    def summary(self) -> str:
+        """One line for stderr: how it ended, status, exits and time."""
+        by_reason = ", ".join(f"{name} {v['total']}" for name, v in sorted(self.exits.items()))
+        status = "-" if self.exit_status is None else str(self.exit_status)
+        line = (
+            f"pykvm: {self.ended} (status {status}) after {self.seconds * 1e3:.1f} ms; "
+            f"user exits: {by_reason or 'none'}"
+        )
+        if self.message:
+            line += f"; {self.message.splitlines()[0]}"
+        return line
+
+
+class Machine:
+    """One VM with one vCPU, its memory, buses and devices.
+
+    ``memory``: RAM size (``"64M"``, ``"1G"`` or bytes), mapped from
+    guest-physical 0 (split around the MMIO hole above 3 GiB).
+    ``strict``: an access to an unmapped port/address stops the run.
+    ``c_loop``: let the C loop handle the devices' hot paths (False sends
+    every exit to Python, for comparison).  ``irqchip``: create the
+    in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts).
+    ``serial``: a callable receiving the guest's COM1 bytes as they come
+    (the result keeps them too).
+    """
+
+    def __init__(
+        self,
+        memory: str | int = "64M",
+        *,
+        strict: bool = False,
+        c_loop: bool = True,
+        irqchip: bool = False,
+        serial: Callable[[bytes], None] | None = None,
+        kvm: Kvm | None = None,
+    ) -> None:
+        self.memory_size = parse_size(memory)
+        if self.memory_size < 2 << 20:
+            raise ValueError("memory must be at least 2M (pykvm keeps its tables below 1 MiB)")
+        if self.memory_size > (64 << 30):
+            raise ValueError("memory larger than 64G is not supported")
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.vcpu = None
+        try:
+            self.vm = self.kvm.create_vm()
+            self.memory = GuestMemory(self.vm)
+            low = min(self.memory_size, MMIO_HOLE_START)
+            self.memory.add_region(0, _round_up(low))
+            if self.memory_size > low:
+                self.memory.add_region(HIGH_MEMORY_START, _round_up(self.memory_size - low))
+            self.irqchip = irqchip
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+            self.loop = RunLoop(self.vcpu)
+        except BaseException:
+            self.close()
+            raise
+        self.c_loop = c_loop
+        self.pio = Bus("pio", strict=strict)
+        self.mmio = Bus("mmio", strict=strict)
+        self._serial_sink = serial
+        self._serial_out = bytearray()
+        self._serial_dropped = 0
+        self._fast_dirty = True
+        self._devices: list[tuple[object, str, int, int]] = []
+        self.serial = Uart16550(output=self._on_serial, interrupt=self._irq_callback(COM1_IRQ))
+        self.serial.on_state_change = self._mark_fast_dirty
+        self.debug_exit = DebugExit()
+        self.post = Port80()
+        self.i8042 = I8042()
+        self.add_device(self.serial, port=COM1_PORT, length=8, name="com1")
+        self.add_device(self.debug_exit, port=DEBUG_EXIT_PORT, length=1, name="debug-exit")
+        self.add_device(self.post, port=POST_PORT, length=1, name="port80")
+        self.add_device(self.i8042, port=I8042_COMMAND_PORT, length=1, name="i8042")
+        self.extra_fast_ranges: list[FastRange] = []
+        self.loaded: dict | None = None
+        self._input: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._vcpu_thread: int | None = None
+
+    # -- ownership -----------------------------------------------------------
+    def close(self) -> None:
+        """Close the vCPU, memory, VM and (if owned) /dev/kvm, in that order."""
+        if self.vcpu is not None:
+            self.vcpu.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- devices ---------------------------------------------------------------
+    def add_device(
+        self, device, *, port: int | None = None, mmio: int | None = None, length: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Register ``device`` on the PIO bus (``port=``) or the MMIO bus (``mmio=``)."""
+        if (port is None) == (mmio is None):
+            raise ValueError("give exactly one of port= or mmio=")
+        length = length or getattr(device, "length", None)
+        if not length:
+            raise ValueError("give length= (the device has no 'length' attribute)")
+        bus, base, kind = (self.pio, port, "pio") if port is not None else (self.mmio, mmio, "mmio")
+        bus.register(base, length, device, name)
+        self._devices.append((device, kind, base, length))
+        self._fast_dirty = True
+
+    def _irq_callback(self, irq: int) -> Callable[[bool], None]:
+        def raise_line(level: bool) -> None:
+            if self.irqchip:
+                self.vm.irq_line(irq, int(level))
+        return raise_line
+
+    def _on_serial(self, data: bytes) -> None:
+        room = SERIAL_CAPTURE_LIMIT - len(self._serial_out)
+        self._serial_out += data[:room]
+        self._serial_dropped += max(0, len(data) - room)
+        if self._serial_sink is not None:
+            self._serial_sink(data)
+
+    def _mark_fast_dirty(self) -> None:
+        self._fast_dirty = True
+
+    def fast_ranges(self) -> list[FastRange]:
+        """The C loop's table for the devices' current state."""
+        ranges = list(self.extra_fast_ranges)
+        for device, kind, base, length in self._devices:
+            space = PIO if kind == "pio" else MMIO
+            if isinstance(device, DebugExit):
+                ranges.append(FastRange(space, base, length, READ_CONST, WRITE_DEBUG_EXIT, (1 << 64) - 1, "debug-exit"))
+            elif isinstance(device, Port80):
+                ranges.append(FastRange(space, base, length, READ_CONST, WRITE_DROP, 0xFF, "port80"))
+            elif isinstance(device, Uart16550) and device.tx_fast_path_ok:
+                ranges.append(FastRange(space, base, 1, READ_PASS, WRITE_TXBUF, 0, "uart-thr"))
+        return ranges
+
+    def _sync_fast_ranges(self) -> None:
+        self.loop.set_ranges(self.fast_ranges() if self.c_loop else [])
+        self._fast_dirty = False
+
+    def _drain_tx(self) -> None:
+        data = self.loop.take_tx()
+        if data:
+            self.serial.accept_transmitted(data)
+
+    # -- loading -----------------------------------------------------------------
+    def load_guest(self, name: str, args: tuple[int, int] = (0, 0)) -> dict:
+        """Load a shipped guest (``pykvm guests``) and put the vCPU in its CPU mode."""
+        from pykvm import guests
+
+        info = guests.info(name)
+        return self.load_image(guests.path(name).read_bytes(), mode=info.mode, load_addr=info.load_addr, args=args,
+                               name=name)
+
+    def load_image(
+        self, image: bytes | str | os.PathLike, *, mode: str = "long", load_addr: int | None = None,
+        entry: int | None = None, args: tuple[int, int] = (0, 0), name: str | None = None,
+    ) -> dict:
+        """Load a flat binary at ``load_addr`` and set up ``mode`` (see ``pykvm.x86.modes``)."""
+        from pykvm.x86.modes import MODES, setup_mode
+
+        if mode not in MODES:
+            raise LoaderError(f"unknown CPU mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not isinstance(image, (bytes, bytearray)):
+            path = os.fspath(image)
+            try:
+                with open(path, "rb") as f:
+                    image = f.read()
+            except OSError as exc:
+                raise LoaderError(f"cannot read {path}: {exc.strerror}") from None
+            name = name or os.path.basename(path)
+        if not image:
+            raise LoaderError("the image is empty")
+        if load_addr is None:
+            load_addr = layout.REAL_MODE_LOAD_ADDR if mode == "real" else layout.LOAD_ADDR
+        end = load_addr + len(image)
+        if mode == "real" and end > 0xA0000:
+            raise LoaderError(f"a real-mode image must end below 0xa0000 (640 KiB); this one ends at {end:#x}")
+        if load_addr < _LOW_RESERVED_END and mode != "real":
+            raise LoaderError(
+                f"load address {load_addr:#x} overlaps pykvm's tables below {_LOW_RESERVED_END:#x}"
+            )
+        if not self.memory.is_mapped(load_addr, len(image)):
+            raise LoaderError(
+                f"image of {len(image)} bytes at {load_addr:#x} does not fit in guest memory "
+                f"({self.memory_size >> 20} MiB: {self.memory.describe()})"
+            )
+        self.memory.write(load_addr, bytes(image))
+        setup = setup_mode(mode, self.vcpu, self.memory, entry=load_addr if entry is None else entry, args=args)
+        self.loaded = {"name": name, "mode": mode, "load_addr": load_addr, "size": len(image), "setup": setup}
+        return self.loaded
+
+    # -- running -------------------------------------------------------------------
+    def kick(self, thread_id: int) -> None:
+        """Make the vCPU thread leave KVM_RUN: immediate_exit, then a signal (api.rst 'immediate_exit')."""
+        run = self.vcpu.kvm_run if self.vcpu is not None else None
+        if run is not None:
+            run.immediate_exit = 1
+            try:
+                signal.pthread_kill(thread_id, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def feed_serial(self, data: bytes) -> None:
+        """Queue host input for COM1; safe from any thread (the vCPU is kicked to take it)."""
+        self._input.put(bytes(data))
+        thread = self._vcpu_thread
+        if thread is not None:
+            self.kick(thread)
+
+    def _drain_input(self) -> None:
+        while not self._input.empty():
+            self.serial.enqueue_input(self._input.get_nowait())
+
+    def run(self, timeout: float | None = None, *, flush_interval: float = 0.05) -> RunResult:
+        """Run the guest until it stops, fails, times out or Ctrl-C; return a ``RunResult``.
+
+        A watchdog thread kicks the vCPU out of KVM_RUN when ``timeout``
+        seconds have passed, and every ``flush_interval`` seconds while the C
+        loop holds serial output, so a serial sink sees it promptly.
+        Never raises for anything the guest does; host errors (KvmError) propagate.
+        """
+        _install_kick_handler()
+        started = time.perf_counter()
+        timed_out = threading.Event()
+        done = threading.Event()
+        lock = threading.Lock()
+        me = threading.get_ident()
+        deadline = None if timeout is None else started + timeout
+        loop_state = self.loop._loop
+
+        def watchdog() -> None:
+            while not done.wait(flush_interval):
+                with lock:
+                    if done.is_set():
+                        return
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        timed_out.set()
+                        self.kick(me)
+                        return
+                    if self._serial_sink is not None and loop_state.txlen:
+                        self.kick(me)
+
+        ended, status, message, last = "unknown", None, "", None
+        c0 = self.loop.counters()
+        self._vcpu_thread = me
+        dog = threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True)
+        dog.start()
+        try:
+            ended, status, message, last = self._run_until_stop(timed_out)
+        except KeyboardInterrupt:
+            ended, message = "interrupted", "stopped by Ctrl-C"
+        finally:
+            with lock:
+                done.set()
+                self._vcpu_thread = None
+            dog.join()
+            self.vcpu.kvm_run.immediate_exit = 0
+            self.loop.clear_pending()
+            self._drain_tx()
+        return self._result(ended, status, message, last, started, c0)
+
+    def _run_until_stop(self, timed_out: threading.Event) -> tuple[str, int | None, str, object]:
+        run = self.vcpu.kvm_run
+        pio, mmio = self.pio, self.mmio
+        loop = self.loop
+        decode = exits.decode
+        while True:
+            if self._fast_dirty:
+                self._sync_fast_ranges()
+            if not self._input.empty():
+                self._drain_input()
+            ret = loop.run()
+            if loop._loop.txlen:
+                self._drain_tx()
+            if ret == RET_DEBUG_EXIT:
+                return "debug-exit", loop.stop_status, "", None
+            if ret == RET_INTR:
+                if timed_out.is_set():
+                    return "timeout", None, "stopped by --timeout", None
+                run.immediate_exit = 0
+                continue  # a signal for someone else; Python runs its handlers here
+            if ret == RET_ERROR:
+                raise KvmError("KVM_RUN", loop.error_errno)
+            exit = decode(run)
+            kind = type(exit)
+            if kind is exits.IoOut or kind is exits.IoIn or kind is exits.MmioWrite or kind is exits.MmioRead:
+                try:
+                    answer = dispatch(exit, pio, mmio)
+                except DeviceStop as stop:
+                    return stop.reason, stop.status, "", exit
+                except UnmappedAccess as exc:
+                    rip = self.vcpu.get_regs().rip
+                    exc.rip = rip
+                    return "guest-error", None, str(GuestError(_with_rip(str(exc), rip), rip)), exit
+                if answer is not None:
+                    if kind is exits.IoIn:
+                        exits.complete_io_in(run, answer)
+                    else:
+                        exits.complete_mmio_read(run, answer)
+                continue
+            if kind is exits.Hlt:
+                return "hlt", 0, "", exit
+            if kind is exits.Shutdown:
+                return "shutdown", None, "triple fault or shutdown\n" + self.describe_cpu(), exit
+            if kind is exits.InternalError:
+                return "internal-error", None, (
+                    f"KVM internal error: {exit.suberror_name}\n" + self.describe_cpu()
+                ), exit
+            if kind is exits.FailEntry:
+                return "fail-entry", None, (
+                    f"VM entry failed, hardware reason {exit.hardware_entry_failure_reason:#x}\n"
+                    + self.describe_cpu()
+                ), exit
+            if kind is exits.SystemEvent:
+                return "system-event", None, f"system event type {exit.type}", exit
+            if kind is exits.Debug:
+                return "debug", None, f"debug exception {exit.exception} at {exit.pc:#x}", exit
+            return "unknown", None, f"unhandled exit {exit}\n" + self.describe_cpu(), exit
+
+    def _result(self, ended, status, message, last, started, c0) -> RunResult:
+        from pykvm.exits import REASON_NAMES
+
+        seconds = time.perf_counter() - started
+        c1 = self.loop.counters()
+        per_reason = {}
+        for reason, now in c1["exits"].items():
+            before = c0["exits"].get(reason, {"total": 0, "c": 0, "python": 0})
+            delta = {k: now[k] - before[k] for k in now}
+            if delta["total"]:
+                per_reason[REASON_NAMES.get(reason, str(reason))] = delta
+        regs = self.vcpu.get_regs()
+        if self._serial_dropped:
+            message = (message + "\n" if message else "") + f"{self._serial_dropped} serial bytes not kept"
+        return RunResult(
+            ended=ended,
+            exit_status=status,
+            serial=bytes(self._serial_out),
+            exits=per_reason,
+            seconds=seconds,
+            seconds_in_run=c1["seconds_in_run"] - c0["seconds_in_run"],
+            seconds_in_c=c1["seconds_in_c"] - c0["seconds_in_c"],
+            seconds_in_python=c1["seconds_in_python"] - c0["seconds_in_python"],
+            regs={name: getattr(regs, name) for name in _REG_NAMES},
+            message=message,
+            last_exit=last,
+            c_hits=self.loop.hits(),
+        )
+
+    def describe_cpu(self) -> str:
+        """Register dump and the instruction bytes at RIP (for error reports)."""
+        from pykvm.cpustate import describe
+
+        try:
+            return describe(self.vcpu, self.memory)
+        except Exception as exc:  # a report must never hide the original problem
+            return f"(register dump unavailable: {exc})"
+
+
+_REG_NAMES = (
+    "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+)
+
+
+def _round_up(size: int, page: int = 4096) -> int:
+    return (size + page - 1) // page * page
+
+
+def _with_rip(text: str, rip: int) -> str:
+    return text if "RIP" in text else f"{text} at RIP {rip:#x}"
