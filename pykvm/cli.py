@@ -1,0 +1,222 @@
+"""The ``pykvm`` command (also ``python -m pykvm``), spelled like QEMU where it can be.
+
+    pykvm check                         can this host run guests? (like kvm-ok)
+    pykvm guests                        the shipped guests, one line each
+    pykvm run --guest hello64           boot a shipped guest, serial on stdout
+    pykvm run --kernel img.bin --mode long --load-addr 0x100000
+    pykvm bench [--quick]               exit-latency and lifecycle benchmarks
+
+Exit status of ``run``: the guest's isa-debug-exit status ``(v << 1) | 1``
+when it wrote port 0xf4; 0 on a clean HLT or i8042 reset; 2 on bad input
+(with a one-line error); 3 when the guest crashed (triple fault, KVM
+internal error, failed entry, strict-bus violation); 124 on --timeout;
+130 on Ctrl-C.  A one-line summary goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from typing import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_GUEST_CRASHED = 3
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + traceback
+        raise UsageError(message)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _args_pair(text: str) -> tuple[int, int]:
+    parts = [_int(p) for p in text.split(",") if p]
+    if not 1 <= len(parts) <= 2:
+        raise argparse.ArgumentTypeError("give one or two numbers: ARG0[,ARG1]")
+    return (parts + [0])[0], (parts + [0, 0])[1]
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the timeout must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pykvm.x86.layout import MODES
+
+    parser = _Parser(prog="pykvm", description="Drive /dev/kvm directly: tiny guests, exits you can see.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("check", help="can this host run guests? (like kvm-ok)")
+    sub.add_parser("guests", help="list the shipped guests")
+
+    run = sub.add_parser("run", help="run a guest; serial output on stdout")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
+    what.add_argument("--kernel", metavar="FILE", help="a flat binary image")
+    run.add_argument("-m", "--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    run.add_argument("--mode", choices=MODES, default=None, help="CPU mode for --kernel (default long)")
+    run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
+                     help="load address for --kernel (default 0x100000, 0x8000 in real mode)")
+    run.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
+                     help="guest arguments in EDI/RDI and ESI/RSI")
+    run.add_argument("-serial", "--serial", default="stdio", metavar="DEV",
+                     help="stdio | file:PATH | none (default stdio)")
+    run.add_argument("--timeout", type=_timeout, default=None, metavar="S", help="stop after S seconds")
+    run.add_argument("--strict", action="store_true", help="stop on an access to an unmapped port or address")
+    run.add_argument("--no-c-loop", action="store_true", help="handle every exit in Python (for comparison)")
+    run.add_argument("-nographic", "--nographic", action="store_true", help="accepted for QEMU habits; no effect")
+    run.add_argument("--input", metavar="TEXT", default=None,
+                     help="bytes to type into COM1 (escapes like \\x04 allowed) instead of reading stdin")
+
+    bench = sub.add_parser("bench", help="run the benchmarks (exit latency, lifecycle)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _serial_sink(spec: str) -> tuple[Callable[[bytes], None] | None, Callable[[], None]]:
+    """Turn -serial's value into (sink, close)."""
+    if spec == "stdio":
+        out = sys.stdout.buffer
+
+        def write(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+        return write, lambda: None
+    if spec == "none":
+        return None, lambda: None
+    if spec.startswith("file:") and len(spec) > 5:
+        try:
+            f = open(spec[5:], "wb")
+        except OSError as exc:
+            raise UsageError(f"-serial {spec}: {exc.strerror}") from None
+
+        def write_file(data: bytes) -> None:
+            f.write(data)
+            f.flush()
+        return write_file, f.close
+    raise UsageError(f"-serial {spec!r}: use stdio, file:PATH or none")
+
+
+def _forward_stdin(machine) -> None:
+    """Feed stdin to COM1 from a daemon thread (ends at EOF)."""
+    fd = sys.stdin.fileno()
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            machine.feed_serial(data)
+    threading.Thread(target=pump, name="pykvm-stdin", daemon=True).start()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pykvm import guests
+    from pykvm.errors import LoaderError
+    from pykvm.machine import Machine
+
+    if args.guest is not None and (args.mode or args.load_addr is not None):
+        raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
+    if args.kernel is not None and not os.path.isfile(args.kernel):
+        raise UsageError(f"--kernel {args.kernel}: no such file")
+    sink, close_sink = _serial_sink(args.serial)
+    try:
+        machine = Machine(memory=args.memory, strict=args.strict, c_loop=not args.no_c_loop, serial=sink)
+    except ValueError as exc:
+        close_sink()
+        raise UsageError(f"-m {args.memory}: {exc}") from None
+    try:
+        try:
+            if args.guest is not None:
+                machine.load_guest(args.guest, args=args.args)
+            else:
+                machine.load_image(args.kernel, mode=args.mode or "long", load_addr=args.load_addr, args=args.args)
+        except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
+            raise UsageError(str(exc)) from None
+        if args.input is not None:
+            machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+        elif args.serial == "stdio" and not sys.stdin.isatty():
+            _forward_stdin(machine)
+        result = machine.run(timeout=args.timeout)
+    finally:
+        machine.close()
+        close_sink()
+    print(result.summary(), file=sys.stderr)
+    if result.message and result.ended not in ("timeout", "interrupted"):
+        print(result.message, file=sys.stderr)
+    if result.exit_status is not None:
+        return result.exit_status
+    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(result.ended, EXIT_GUEST_CRASHED)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pykvm.check import run_check
+
+    usable, lines = run_check()
+    print("\n".join(lines))
+    return 0 if usable else 1
+
+
+def cmd_guests(args: argparse.Namespace) -> int:
+    from pykvm import guests
+
+    width = max(len(n) for n in guests.names())
+    for name in guests.names():
+        g = guests.info(name)
+        print(f"{name:<{width}}  {g.mode:<9}  CPL{g.cpl}  {g.description}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from pykvm.bench import main as bench_main
+    except ImportError as exc:
+        raise UsageError(f"benchmarks unavailable: {exc}") from None
+    return bench_main(args.bench_args)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "guests": cmd_guests, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        command = argv[0] if argv and argv[0] in COMMANDS else ""
+        print(f"pykvm{(' ' + command) if command else ''}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("pykvm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
