@@ -174,13 +174,48 @@ static enum outcome try_handle(struct pykvm_loop *L, struct kvm_run *run)
 void pykvm_loop_clear_pending(struct pykvm_loop *L)
 {
     L->pending_reason = -1;
+    L->io_answer = 0;
 }
 
-int pykvm_loop_run(struct pykvm_loop *L)
+/* Classify an exit handed to Python: single accesses get a packed code. */
+static int python_exit_code(struct pykvm_loop *L, struct kvm_run *run)
+{
+    if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1 && run->io.size <= 8) {
+        int packed = (run->io.size << 8) | (run->io.port << 16);
+        if (run->io.direction == KVM_EXIT_IO_OUT) {
+            L->io_value = le_value((uint8_t *)run + run->io.data_offset, run->io.size);
+            return PYKVM_RET_PIO_OUT | packed;
+        }
+        return PYKVM_RET_PIO_IN | packed;
+    }
+    if (run->exit_reason == KVM_EXIT_MMIO && run->mmio.len <= 8) {
+        L->io_addr = run->mmio.phys_addr;
+        if (run->mmio.is_write) {
+            L->io_value = le_value(run->mmio.data, run->mmio.len);
+            return PYKVM_RET_MMIO_WRITE | (run->mmio.len << 8);
+        }
+        return PYKVM_RET_MMIO_READ | (run->mmio.len << 8);
+    }
+    return PYKVM_RET_EXIT;
+}
+
+/* Copy Python's answer to the pending IN / MMIO read into kvm_run. */
+static void complete_answer(struct pykvm_loop *L, struct kvm_run *run)
+{
+    if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_IN)
+        memcpy((uint8_t *)run + run->io.data_offset, &L->io_value, run->io.size);
+    else if (run->exit_reason == KVM_EXIT_MMIO && !run->mmio.is_write)
+        memcpy(run->mmio.data, &L->io_value, run->mmio.len);
+    L->io_answer = 0;
+}
+
+static int run_until_python(struct pykvm_loop *L)
 {
     struct kvm_run *run = L->run;
 
     for (;;) {
+        if (L->io_answer)
+            complete_answer(L, run);
         uint64_t t_entry = __rdtsc();
 
         /* The exit handed to Python last time has now been handled. */
@@ -217,7 +252,7 @@ int pykvm_loop_run(struct pykvm_loop *L)
             L->pending_reason = (int32_t)s;
             L->pending_exit_tsc = t_exit;
             L->pending_entry_tsc = t_entry;
-            return PYKVM_RET_EXIT;
+            return python_exit_code(L, run);
         }
         L->exits_c[s]++;
         L->tsc_in_c += t_done - t_exit;
@@ -226,4 +261,10 @@ int pykvm_loop_run(struct pykvm_loop *L)
         if (out == DEBUG_EXIT)
             return PYKVM_RET_DEBUG_EXIT;
     }
+}
+
+int pykvm_loop_run(struct pykvm_loop *L)
+{
+    int ret = run_until_python(L);
+    return L->txlen ? ret | PYKVM_RET_TX_PENDING : ret;
 }

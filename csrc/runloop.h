@@ -34,11 +34,24 @@
 #define PYKVM_WRITE_TXBUF      2  /* append 1-byte writes to the transmit buffer */
 #define PYKVM_WRITE_DEBUG_EXIT 3  /* stop the loop: status = (value << 1) | 1 */
 
-/* Why pykvm_loop_run() returned. */
-#define PYKVM_RET_EXIT       0  /* an exit for Python is in kvm_run */
+/* Why pykvm_loop_run() returned.  The low byte is the code; for the four
+ * single-access I/O codes the return value also packs the access, so the
+ * Python handler needs no further reads of kvm_run for the common case:
+ *   bits 8-11: size in bytes (1, 2, 4 or 8)
+ *   bits 16-31: the port (PIO); the MMIO address is in io_addr
+ *   io_value: the data of a write, little-endian
+ * Answer a read by storing io_value and setting io_answer = 1: the next
+ * pykvm_loop_run() copies it into kvm_run before re-entering the guest. */
+#define PYKVM_RET_EXIT       0  /* any other exit for Python: decode kvm_run */
 #define PYKVM_RET_DEBUG_EXIT 1  /* the guest wrote to a debug-exit range: see stop_status */
 #define PYKVM_RET_INTR       2  /* KVM_RUN returned EINTR/EAGAIN (signal or immediate_exit) */
 #define PYKVM_RET_ERROR      3  /* KVM_RUN failed: see error_errno */
+#define PYKVM_RET_PIO_OUT    4  /* one OUT (not REP) */
+#define PYKVM_RET_PIO_IN     5  /* one IN: answer through io_value/io_answer */
+#define PYKVM_RET_MMIO_WRITE 6  /* one MMIO store of at most 8 bytes */
+#define PYKVM_RET_MMIO_READ  7  /* one MMIO load: answer through io_value/io_answer */
+#define PYKVM_RET_CODE_MASK  0x7f
+#define PYKVM_RET_TX_PENDING 0x80 /* flag: the transmit buffer holds bytes; drain it first */
 
 struct pykvm_range {
     uint64_t base;
@@ -65,6 +78,9 @@ struct pykvm_loop {
     /* results of the last return */
     uint64_t stop_status;
     int error_errno;
+    uint64_t io_addr;           /* PYKVM_RET_MMIO_*: the guest-physical address */
+    uint64_t io_value;          /* write data, or Python's answer to a read */
+    uint32_t io_answer;         /* set by Python: copy io_value into kvm_run */
 
     /* statistics, cumulative over calls */
     uint64_t exits[PYKVM_NR_REASONS];      /* every exit KVM_RUN returned */

@@ -76,6 +76,8 @@ PYKVM_MAX_RANGES PYKVM_NR_REASONS PYKVM_HIST_BUCKETS
 PYKVM_SPACE_PIO PYKVM_SPACE_MMIO PYKVM_READ_PASS PYKVM_READ_CONST
 PYKVM_WRITE_PASS PYKVM_WRITE_DROP PYKVM_WRITE_TXBUF PYKVM_WRITE_DEBUG_EXIT
 PYKVM_RET_EXIT PYKVM_RET_DEBUG_EXIT PYKVM_RET_INTR PYKVM_RET_ERROR
+PYKVM_RET_PIO_OUT PYKVM_RET_PIO_IN PYKVM_RET_MMIO_WRITE PYKVM_RET_MMIO_READ
+PYKVM_RET_CODE_MASK PYKVM_RET_TX_PENDING
 """.split()
 
 LIBC_CDEF = """
@@ -99,6 +101,7 @@ struct pykvm_loop {
     uint64_t ns_per_tsc_q32;
     uint64_t stop_status;
     int error_errno;
+    uint64_t io_addr; uint64_t io_value; uint32_t io_answer;
     uint64_t exits[64]; uint64_t exits_c[64]; uint64_t exits_py[64];
     uint64_t tsc_in_run; uint64_t tsc_in_c; uint64_t tsc_in_py;
     uint64_t hist_handle[64][32];

@@ -31,8 +31,9 @@ from pykvm.dispatch import dispatch
 from pykvm.errors import GuestError, KvmError, LoaderError
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.runloop import (
-    MMIO, PIO, READ_CONST, READ_PASS, RET_DEBUG_EXIT, RET_ERROR, RET_INTR, WRITE_DEBUG_EXIT, WRITE_DROP,
-    WRITE_PASS, WRITE_TXBUF, FastRange, RunLoop,
+    MMIO, PIO, READ_CONST, READ_PASS, RET_CODE_MASK, RET_DEBUG_EXIT, RET_ERROR, RET_INTR, RET_MMIO_READ,
+    RET_MMIO_WRITE, RET_PIO_IN, RET_PIO_OUT, RET_TX_PENDING, WRITE_DEBUG_EXIT, WRITE_DROP, WRITE_TXBUF,
+    FastRange, RunLoop,
 )
 from pykvm.system import Kvm
 from pykvm.x86 import layout
@@ -191,6 +192,7 @@ class Machine:
         self.extra_fast_ranges: list[FastRange] = []
         self.loaded: dict | None = None
         self._input: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._input_waiting = False
         self._vcpu_thread: int | None = None
 
     # -- ownership -----------------------------------------------------------
@@ -326,11 +328,13 @@ class Machine:
     def feed_serial(self, data: bytes) -> None:
         """Queue host input for COM1; safe from any thread (the vCPU is kicked to take it)."""
         self._input.put(bytes(data))
+        self._input_waiting = True
         thread = self._vcpu_thread
         if thread is not None:
             self.kick(thread)
 
     def _drain_input(self) -> None:
+        self._input_waiting = False
         while not self._input.empty():
             self.serial.enqueue_input(self._input.get_nowait())
 
@@ -383,62 +387,81 @@ class Machine:
         return self._result(ended, status, message, last, started, c0)
 
     def _run_until_stop(self, timed_out: threading.Event) -> tuple[str, int | None, str, object]:
+        """The vCPU loop.  Hot path first: single port/MMIO accesses arrive
+        packed in the C loop's return value (csrc/runloop.h) and go straight
+        to the buses; every other exit is decoded into a value."""
         run = self.vcpu.kvm_run
-        pio, mmio = self.pio, self.mmio
-        loop = self.loop
-        decode = exits.decode
+        state = self.loop.state
+        loop_run = self.loop.run
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
         while True:
             if self._fast_dirty:
                 self._sync_fast_ranges()
-            if not self._input.empty():
+            if self._input_waiting:
                 self._drain_input()
-            ret = loop.run()
-            if loop._loop.txlen:
-                self._drain_tx()
-            if ret == RET_DEBUG_EXIT:
-                return "debug-exit", loop.stop_status, "", None
-            if ret == RET_INTR:
-                if timed_out.is_set():
-                    return "timeout", None, "stopped by --timeout", None
-                run.immediate_exit = 0
-                continue  # a signal for someone else; Python runs its handlers here
-            if ret == RET_ERROR:
-                raise KvmError("KVM_RUN", loop.error_errno)
-            exit = decode(run)
-            kind = type(exit)
-            if kind is exits.IoOut or kind is exits.IoIn or kind is exits.MmioWrite or kind is exits.MmioRead:
-                try:
-                    answer = dispatch(exit, pio, mmio)
-                except DeviceStop as stop:
-                    return stop.reason, stop.status, "", exit
-                except UnmappedAccess as exc:
-                    rip = self.vcpu.get_regs().rip
-                    exc.rip = rip
-                    return "guest-error", None, str(GuestError(_with_rip(str(exc), rip), rip)), exit
-                if answer is not None:
-                    if kind is exits.IoIn:
-                        exits.complete_io_in(run, answer)
-                    else:
-                        exits.complete_mmio_read(run, answer)
-                continue
-            if kind is exits.Hlt:
-                return "hlt", 0, "", exit
-            if kind is exits.Shutdown:
-                return "shutdown", None, "triple fault or shutdown\n" + self.describe_cpu(), exit
-            if kind is exits.InternalError:
-                return "internal-error", None, (
-                    f"KVM internal error: {exit.suberror_name}\n" + self.describe_cpu()
-                ), exit
-            if kind is exits.FailEntry:
-                return "fail-entry", None, (
-                    f"VM entry failed, hardware reason {exit.hardware_entry_failure_reason:#x}\n"
-                    + self.describe_cpu()
-                ), exit
-            if kind is exits.SystemEvent:
-                return "system-event", None, f"system event type {exit.type}", exit
-            if kind is exits.Debug:
-                return "debug", None, f"debug exception {exit.exception} at {exit.pc:#x}", exit
-            return "unknown", None, f"unhandled exit {exit}\n" + self.describe_cpu(), exit
+            ret = loop_run()
+            if ret & RET_TX_PENDING:
+                self._drain_tx()  # before Python touches the UART again
+            code = ret & RET_CODE_MASK
+            try:
+                if code == RET_PIO_OUT:
+                    pio_write(ret >> 16, state.io_value.to_bytes((ret >> 8) & 0xF, "little"))
+                    continue
+                if code == RET_PIO_IN:
+                    state.io_value = int.from_bytes(pio_read(ret >> 16, (ret >> 8) & 0xF), "little")
+                    state.io_answer = 1
+                    continue
+                if code == RET_MMIO_WRITE:
+                    mmio_write(state.io_addr, state.io_value.to_bytes((ret >> 8) & 0xF, "little"))
+                    continue
+                if code == RET_MMIO_READ:
+                    state.io_value = int.from_bytes(mmio_read(state.io_addr, (ret >> 8) & 0xF), "little")
+                    state.io_answer = 1
+                    continue
+                if code == RET_DEBUG_EXIT:
+                    return "debug-exit", self.loop.stop_status, "", None
+                if code == RET_INTR:
+                    if timed_out.is_set():
+                        return "timeout", None, "stopped by --timeout", None
+                    run.immediate_exit = 0
+                    continue  # a kick for input or output; Python ran its signal handlers
+                if code == RET_ERROR:
+                    raise KvmError("KVM_RUN", self.loop.error_errno)
+                exit = exits.decode(run)
+                if isinstance(exit, (exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead)):
+                    answer = dispatch(exit, self.pio, self.mmio)  # REP string I/O, wide MMIO
+                    if answer is not None:
+                        if isinstance(exit, exits.IoIn):
+                            exits.complete_io_in(run, answer)
+                        else:
+                            exits.complete_mmio_read(run, answer)
+                    continue
+            except DeviceStop as stop:
+                return stop.reason, stop.status, "", None
+            except UnmappedAccess as exc:
+                rip = self.vcpu.get_regs().rip
+                exc.rip = rip
+                return "guest-error", None, str(GuestError(_with_rip(str(exc), rip), rip)), None
+            return self._final_exit(exit)
+
+    def _final_exit(self, exit) -> tuple[str, int | None, str, object]:
+        """How a run ends on an exit that is not I/O."""
+        if isinstance(exit, exits.Hlt):
+            return "hlt", 0, "", exit
+        if isinstance(exit, exits.Shutdown):
+            return "shutdown", None, "triple fault or shutdown\n" + self.describe_cpu(), exit
+        if isinstance(exit, exits.InternalError):
+            return "internal-error", None, f"KVM internal error: {exit.suberror_name}\n" + self.describe_cpu(), exit
+        if isinstance(exit, exits.FailEntry):
+            return "fail-entry", None, (
+                f"VM entry failed, hardware reason {exit.hardware_entry_failure_reason:#x}\n" + self.describe_cpu()
+            ), exit
+        if isinstance(exit, exits.SystemEvent):
+            return "system-event", None, f"system event type {exit.type}", exit
+        if isinstance(exit, exits.Debug):
+            return "debug", None, f"debug exception {exit.exception} at {exit.pc:#x}", exit
+        return "unknown", None, f"unhandled exit {exit}\n" + self.describe_cpu(), exit
 
     def _result(self, ended, status, message, last, started, c0) -> RunResult:
         from pykvm.exits import REASON_NAMES

@@ -31,6 +31,12 @@ RET_EXIT = lib.PYKVM_RET_EXIT
 RET_DEBUG_EXIT = lib.PYKVM_RET_DEBUG_EXIT
 RET_INTR = lib.PYKVM_RET_INTR
 RET_ERROR = lib.PYKVM_RET_ERROR
+RET_PIO_OUT = lib.PYKVM_RET_PIO_OUT
+RET_PIO_IN = lib.PYKVM_RET_PIO_IN
+RET_MMIO_WRITE = lib.PYKVM_RET_MMIO_WRITE
+RET_MMIO_READ = lib.PYKVM_RET_MMIO_READ
+RET_CODE_MASK = lib.PYKVM_RET_CODE_MASK
+RET_TX_PENDING = lib.PYKVM_RET_TX_PENDING
 
 _tsc_hz: float | None = None
 
@@ -96,8 +102,23 @@ class RunLoop:
 
     # -- running -------------------------------------------------------------------
     def run(self) -> int:
-        """Run until an exit Python must handle (PYKVM_RET_*).  The GIL is released."""
+        """Run until an exit Python must handle.  The GIL is released.
+
+        Returns a PYKVM_RET_* code in the low 7 bits (``RET_CODE_MASK``),
+        the RET_TX_PENDING flag, and for single I/O accesses the packed
+        size (bits 8-11) and port (bits 16-31); see csrc/runloop.h.
+        """
         return lib.pykvm_loop_run(self._loop)
+
+    @property
+    def state(self):
+        """The ``struct pykvm_loop *`` itself, for hot loops that read io_value/io_addr."""
+        return self._loop
+
+    def answer(self, data: bytes) -> None:
+        """Answer the pending single IN / MMIO read; copied into kvm_run on the next run()."""
+        self._loop.io_value = int.from_bytes(data, "little")
+        self._loop.io_answer = 1
 
     def clear_pending(self) -> None:
         """Do not time the exit in flight (the run ends here)."""
