@@ -9,8 +9,9 @@
 Exit status of ``run``: the guest's isa-debug-exit status ``(v << 1) | 1``
 when it wrote port 0xf4; 0 on a clean HLT or i8042 reset; 2 on bad input
 (with a one-line error); 3 when the guest crashed (triple fault, KVM
-internal error, failed entry, strict-bus violation); 124 on --timeout;
-130 on Ctrl-C.  A one-line summary goes to stderr.
+internal error, failed entry, strict-bus violation); 4 when this host's
+KVM cannot run the guest's CPU mode (e.g. 32-bit paging on kvm_pvm);
+124 on --timeout; 130 on Ctrl-C.  A one-line summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_GUEST_CRASHED = 3
+EXIT_HOST_CANNOT = 4
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
@@ -137,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pykvm import guests
     from pykvm.errors import LoaderError
     from pykvm.machine import Machine
+    from pykvm.x86.modes import ModeNotSupported
 
     if args.guest is not None and (args.mode or args.load_addr is not None):
         raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
@@ -156,6 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 machine.load_image(args.kernel, mode=args.mode or "long", load_addr=args.load_addr, args=args.args)
         except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
             raise UsageError(str(exc)) from None
+        except ModeNotSupported as exc:
+            print(f"pykvm run: cannot run on this host: {exc}", file=sys.stderr)
+            return EXIT_HOST_CANNOT
         if args.input is not None:
             machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
         elif args.serial == "stdio" and not sys.stdin.isatty():
