@@ -140,3 +140,36 @@ def test_guests_lists_every_guest():
     assert proc.returncode == 0
     listed = [line.split()[0] for line in proc.stdout.decode().splitlines()]
     assert listed == guests.names()
+
+
+@pytest.mark.kvm
+def test_ctrl_c_stops_cleanly_with_a_summary():
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykvm", "run", "--guest", "spin64u"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    time.sleep(1.5)  # past interpreter start-up and VM creation
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert b"interrupted" in err and b"Traceback" not in err
+
+
+@pytest.mark.kvm
+def test_internal_error_is_reported_with_the_instruction(tmp_path):
+    from pykvm.check import nested_kvm_module
+
+    # 64-bit CPL 0: popcnt eax, ecx ; hlt.  kvm_pvm's ring-0 emulator lacks popcnt.
+    image = tmp_path / "popcnt.bin"
+    image.write_bytes(bytes([0xF3, 0x0F, 0xB8, 0xC1, 0xF4]))
+    proc = pykvm("run", "--kernel", str(image), "--mode", "long")
+    if nested_kvm_module() != "kvm_pvm":
+        assert proc.returncode == 0  # hardware runs it natively
+        return
+    assert proc.returncode == 3
+    text = proc.stderr.decode()
+    assert "internal-error" in text and "emulation failure" in text
+    assert "code at RIP 0x100000: f3 0f b8 c1  popcnt eax, ecx" in text

@@ -1,0 +1,38 @@
+"""The README's Python examples run and print what the README says they print."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+@pytest.mark.kvm
+def test_raw_layer_example_prints_what_the_readme_says():
+    code = examples()[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "IoOut(port=1016, size=1, count=1, data=b'A')",
+        "IoIn(port=96, size=1, count=1)",
+        "Hlt()",
+        "0x2a",
+    ]
+
+
+@pytest.mark.kvm
+def test_machine_example_counts_primes():
+    code = examples()[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("primes below 1000000: 78498\n")
+    assert "reset 78498" in out.stdout
