@@ -79,7 +79,8 @@ class RunResult:
     ``ended`` is one of: ``hlt``, ``debug-exit``, ``reset``, ``shutdown``
     (triple fault), ``timeout``, ``interrupted`` (Ctrl-C), ``internal-error``,
     ``fail-entry``, ``guest-error`` (strict bus), ``system-event``,
-    ``debug``, ``unknown``.  ``exit_status`` is what a command line should
+    ``debug``, ``unknown``, or the reason given to ``request_stop``
+    (``paused``).  ``exit_status`` is what a command line should
     return: the debug-exit status, 0 on a clean HLT or reset, None otherwise.
     """
 
@@ -194,6 +195,7 @@ class Machine:
         self._input: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._input_waiting = False
         self._vcpu_thread: int | None = None
+        self._stop_request: str | None = None
 
     # -- ownership -----------------------------------------------------------
     def close(self) -> None:
@@ -333,6 +335,17 @@ class Machine:
         if thread is not None:
             self.kick(thread)
 
+    def request_stop(self, reason: str = "paused") -> None:
+        """Ask a running ``run()`` to return soon with ``ended == reason``; safe from any thread.
+
+        The monitor's ``stop`` uses it; ``run()`` again continues the guest
+        where it stopped.
+        """
+        self._stop_request = reason
+        thread = self._vcpu_thread
+        if thread is not None:
+            self.kick(thread)
+
     def _drain_input(self) -> None:
         self._input_waiting = False
         while not self._input.empty():
@@ -370,6 +383,8 @@ class Machine:
         ended, status, message, last = "unknown", None, "", None
         c0 = self.loop.counters()
         self._vcpu_thread = me
+        if self._stop_request is not None:
+            self.vcpu.kvm_run.immediate_exit = 1  # asked before this run started
         dog = threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True)
         dog.start()
         try:
@@ -424,6 +439,9 @@ class Machine:
                 if code == RET_INTR:
                     if timed_out.is_set():
                         return "timeout", None, "stopped by --timeout", None
+                    if self._stop_request is not None:
+                        reason, self._stop_request = self._stop_request, None
+                        return reason, None, "", None
                     run.immediate_exit = 0
                     continue  # a kick for input or output; Python ran its signal handlers
                 if code == RET_ERROR:
