@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="stop on an access to an unmapped port or address")
     run.add_argument("--no-c-loop", action="store_true", help="handle every exit in Python (for comparison)")
     run.add_argument("-nographic", "--nographic", action="store_true", help="accepted for QEMU habits; no effect")
+    run.add_argument("--stats", action="store_true",
+                     help="print the guest/kernel/user split of the exits and where the time went")
+    run.add_argument("--stats-json", metavar="FILE", default=None, help="write the split as JSON")
     run.add_argument("--input", metavar="TEXT", default=None,
                      help="bytes to type into COM1 (escapes like \\x04 allowed) instead of reading stdin")
 
@@ -173,9 +176,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(result.summary(), file=sys.stderr)
     if result.message and result.ended not in ("timeout", "interrupted"):
         print(result.message, file=sys.stderr)
+    if result.split is not None and (args.stats or args.stats_json):
+        _report_split(result.split, args)
     if result.exit_status is not None:
         return result.exit_status
     return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(result.ended, EXIT_GUEST_CRASHED)
+
+
+def _report_split(split, args: argparse.Namespace) -> None:
+    import json
+
+    from pykvm.split import format_split
+
+    if args.stats:
+        print(format_split(split), file=sys.stderr)
+    if args.stats_json:
+        try:
+            with open(args.stats_json, "w") as f:
+                json.dump(split.to_json(), f, indent=2)
+        except OSError as exc:
+            print(f"pykvm run: cannot write {args.stats_json}: {exc.strerror}", file=sys.stderr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -29,12 +29,14 @@ from pykvm.bus import Bus, UnmappedAccess
 from pykvm.devices import DebugExit, DeviceStop, I8042, Port80, Uart16550
 from pykvm.dispatch import dispatch
 from pykvm.errors import GuestError, KvmError, LoaderError
+from pykvm._native_loader import lib
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.runloop import (
     MMIO, PIO, READ_CONST, READ_PASS, RET_CODE_MASK, RET_DEBUG_EXIT, RET_ERROR, RET_INTR, RET_MMIO_READ,
     RET_MMIO_WRITE, RET_PIO_IN, RET_PIO_OUT, RET_TX_PENDING, WRITE_DEBUG_EXIT, WRITE_DROP, WRITE_TXBUF,
     FastRange, RunLoop,
 )
+from pykvm.split import ExitSplit, compute_split
 from pykvm.system import Kvm
 from pykvm.x86 import layout
 
@@ -96,6 +98,7 @@ class RunResult:
     message: str = ""
     last_exit: object = None
     c_hits: dict[str, int] = field(default_factory=dict)
+    split: ExitSplit | None = None
 
     @property
     def serial_text(self) -> str:
@@ -170,6 +173,9 @@ class Machine:
             self.vcpu = self.vm.create_vcpu(0)
             self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
             self.loop = RunLoop(self.vcpu)
+            self.vcpu_stats = None
+            if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
+                self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
         except BaseException:
             self.close()
             raise
@@ -199,7 +205,9 @@ class Machine:
 
     # -- ownership -----------------------------------------------------------
     def close(self) -> None:
-        """Close the vCPU, memory, VM and (if owned) /dev/kvm, in that order."""
+        """Close the stats fd, vCPU, memory, VM and (if owned) /dev/kvm, in that order."""
+        if getattr(self, "vcpu_stats", None) is not None:
+            self.vcpu_stats.close()
         if self.vcpu is not None:
             self.vcpu.close()
         if self.memory is not None:
@@ -382,6 +390,8 @@ class Machine:
 
         ended, status, message, last = "unknown", None, "", None
         c0 = self.loop.counters()
+        h0 = self.loop.histograms()
+        kernel0 = self.vcpu_stats.read() if self.vcpu_stats is not None else None
         self._vcpu_thread = me
         if self._stop_request is not None:
             self.vcpu.kvm_run.immediate_exit = 1  # asked before this run started
@@ -399,7 +409,7 @@ class Machine:
             self.vcpu.kvm_run.immediate_exit = 0
             self.loop.clear_pending()
             self._drain_tx()
-        return self._result(ended, status, message, last, started, c0)
+        return self._result(ended, status, message, last, started, c0, h0, kernel0)
 
     def _run_until_stop(self, timed_out: threading.Event) -> tuple[str, int | None, str, object]:
         """The vCPU loop.  Hot path first: single port/MMIO accesses arrive
@@ -481,7 +491,7 @@ class Machine:
             return "debug", None, f"debug exception {exit.exception} at {exit.pc:#x}", exit
         return "unknown", None, f"unhandled exit {exit}\n" + self.describe_cpu(), exit
 
-    def _result(self, ended, status, message, last, started, c0) -> RunResult:
+    def _result(self, ended, status, message, last, started, c0, h0, kernel0) -> RunResult:
         from pykvm.exits import REASON_NAMES
 
         seconds = time.perf_counter() - started
@@ -492,6 +502,20 @@ class Machine:
             delta = {k: now[k] - before[k] for k in now}
             if delta["total"]:
                 per_reason[REASON_NAMES.get(reason, str(reason))] = delta
+        kernel1 = self.vcpu_stats.read() if self.vcpu_stats is not None else None
+        histograms = {}
+        for reason, now in self.loop.histograms().items():
+            before = h0.get(reason, {"handle": [0] * len(now["handle"]), "roundtrip": [0] * len(now["roundtrip"])})
+            delta = {k: [a - b for a, b in zip(now[k], before[k])] for k in now}
+            if any(delta["roundtrip"]):
+                histograms[REASON_NAMES.get(reason, str(reason))] = delta
+        split = compute_split(
+            kernel0, kernel1, per_reason, seconds,
+            c1["seconds_in_run"] - c0["seconds_in_run"],
+            c1["seconds_in_c"] - c0["seconds_in_c"],
+            c1["seconds_in_python"] - c0["seconds_in_python"],
+            histograms,
+        )
         regs = self.vcpu.get_regs()
         if self._serial_dropped:
             message = (message + "\n" if message else "") + f"{self._serial_dropped} serial bytes not kept"
@@ -508,6 +532,7 @@ class Machine:
             message=message,
             last_exit=last,
             c_hits=self.loop.hits(),
+            split=split,
         )
 
     def describe_cpu(self) -> str:
