@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
     what.add_argument("--kernel", metavar="FILE", help="a flat binary image")
     run.add_argument("-m", "--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
-    run.add_argument("--mode", choices=MODES, default=None, help="CPU mode for --kernel (default long)")
+    run.add_argument("--mode", choices=MODES, default=None, help="CPU mode for a flat --kernel (default long)")
+    run.add_argument("--format", choices=("auto", "flat", "elf", "multiboot"), default="auto",
+                     help="image format for --kernel (default: detect Multiboot, ELF, else flat)")
+    run.add_argument("-append", "--append", default="", metavar="CMDLINE",
+                     help="command line for a Multiboot kernel")
     run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
                      help="load address for --kernel (default 0x100000, 0x8000 in real mode)")
     run.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
@@ -159,7 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.guest is not None:
                 machine.load_guest(args.guest, args=args.args)
             else:
-                machine.load_image(args.kernel, mode=args.mode or "long", load_addr=args.load_addr, args=args.args)
+                machine.load_image(args.kernel, format=args.format, mode=args.mode, load_addr=args.load_addr,
+                                   args=args.args, cmdline=args.append)
         except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
             raise UsageError(str(exc)) from None
         except ModeNotSupported as exc:

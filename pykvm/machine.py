@@ -283,18 +283,23 @@ class Machine:
         from pykvm import guests
 
         info = guests.info(name)
-        return self.load_image(guests.path(name).read_bytes(), mode=info.mode, load_addr=info.load_addr, args=args,
-                               name=name)
+        return self.load_image(guests.path(name).read_bytes(), format="flat", mode=info.mode,
+                               load_addr=info.load_addr, args=args, name=name)
 
     def load_image(
-        self, image: bytes | str | os.PathLike, *, mode: str = "long", load_addr: int | None = None,
-        entry: int | None = None, args: tuple[int, int] = (0, 0), name: str | None = None,
+        self, image: bytes | str | os.PathLike, *, format: str = "auto", mode: str | None = None,
+        load_addr: int | None = None, entry: int | None = None, args: tuple[int, int] = (0, 0),
+        cmdline: str = "", name: str | None = None,
     ) -> dict:
-        """Load a flat binary at ``load_addr`` and set up ``mode`` (see ``pykvm.x86.modes``)."""
-        from pykvm.x86.modes import MODES, setup_mode
+        """Load an image (flat, ELF or Multiboot; see ``pykvm.loaders``) and set up its CPU mode.
 
-        if mode not in MODES:
-            raise LoaderError(f"unknown CPU mode {mode!r}; choose one of {', '.join(MODES)}")
+        Flat images go to ``load_addr`` (default 0x100000, 0x8000 in real
+        mode) and start in ``mode`` (default ``long``).  Nothing is written
+        to guest memory unless the whole image fits.
+        """
+        from pykvm.loaders import plan_image
+        from pykvm.x86.modes import setup_mode
+
         if not isinstance(image, (bytes, bytearray)):
             path = os.fspath(image)
             try:
@@ -303,25 +308,26 @@ class Machine:
             except OSError as exc:
                 raise LoaderError(f"cannot read {path}: {exc.strerror}") from None
             name = name or os.path.basename(path)
-        if not image:
-            raise LoaderError("the image is empty")
-        if load_addr is None:
-            load_addr = layout.REAL_MODE_LOAD_ADDR if mode == "real" else layout.LOAD_ADDR
-        end = load_addr + len(image)
-        if mode == "real" and end > 0xA0000:
-            raise LoaderError(f"a real-mode image must end below 0xa0000 (640 KiB); this one ends at {end:#x}")
-        if load_addr < _LOW_RESERVED_END and mode != "real":
-            raise LoaderError(
-                f"load address {load_addr:#x} overlaps pykvm's tables below {_LOW_RESERVED_END:#x}"
-            )
-        if not self.memory.is_mapped(load_addr, len(image)):
-            raise LoaderError(
-                f"image of {len(image)} bytes at {load_addr:#x} does not fit in guest memory "
-                f"({self.memory_size >> 20} MiB: {self.memory.describe()})"
-            )
-        self.memory.write(load_addr, bytes(image))
-        setup = setup_mode(mode, self.vcpu, self.memory, entry=load_addr if entry is None else entry, args=args)
-        self.loaded = {"name": name, "mode": mode, "load_addr": load_addr, "size": len(image), "setup": setup}
+        plan = plan_image(bytes(image), format=format, mode=mode, load_addr=load_addr, entry=entry,
+                          memory_size=self.memory_size, cmdline=cmdline)
+        try:
+            plan.check_fits(self.memory.is_mapped, _LOW_RESERVED_END)
+        except LoaderError as exc:
+            raise LoaderError(f"{exc} ({self.memory_size >> 20} MiB: {self.memory.describe()})") from None
+        for seg in plan.segments + plan.extra_writes:
+            self.memory.write(seg.gpa, seg.data)
+            if seg.memsize > len(seg.data):
+                self.memory.write(seg.gpa + len(seg.data), bytes(seg.memsize - len(seg.data)))
+        setup = setup_mode(plan.mode, self.vcpu, self.memory, entry=plan.entry, args=args)
+        if plan.regs:
+            regs = self.vcpu.get_regs()
+            for reg, value in plan.regs.items():
+                setattr(regs, reg, value)
+            self.vcpu.set_regs(regs)
+        size = sum(s.memsize for s in plan.segments)
+        self.loaded = {"name": name, "format": plan.format, "mode": plan.mode, "entry": plan.entry,
+                       "load_addr": min(s.gpa for s in plan.segments), "size": size, "setup": setup,
+                       "notes": plan.notes}
         return self.loaded
 
     # -- running -------------------------------------------------------------------

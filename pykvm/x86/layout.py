@@ -7,6 +7,7 @@ labs all rely on them), kept in one place::
     0x00002000  TSS (64-bit TSS in the long modes, 32-bit TSS otherwise;
                 in long_user followed by an I/O bitmap, up to 0x2868)
     0x00003000  IDT (left empty, limit 0, unless a test installs one)
+    0x00006000  Multiboot information structure (Multiboot kernels only)
     0x00008000  real-mode guests are loaded here (CS=0, IP=0x8000, SP=0x7c00)
     0x00010000  page tables built by the host, up to 0x1ffff
     0x0006f000  top of the ring-0 stack used by CPL-3 guests (TSS.RSP0)
@@ -50,6 +51,10 @@ KERNEL_STACK_TOP = 0x6F000  # RSP0 in the TSS: where CPL 3 -> 0 switches to
 REAL_MODE_LOAD_ADDR = 0x8000  # CS=0, IP=0x8000
 REAL_MODE_STACK = 0x7C00  # SS=0, SP=0x7c00
 LOAD_ADDR = 0x100000  # every other mode; the entry point is the load address
+
+# --- boot-protocol data --------------------------------------------------------
+MULTIBOOT_INFO_ADDR = 0x6000  # multiboot_info, command line and memory map (< 0x7000)
+MULTIBOOT_INFO_MAX = 0x1000
 
 # --- MMIO --------------------------------------------------------------------
 VIRTIO_MMIO_BASE = 0xD0000000
