@@ -165,6 +165,16 @@ GUESTS: dict[str, GuestInfo] = {
             "until 0x04 (EOT), prints \"\\nbye\\n\"; polls LSR before every byte",
             "none; result EAX = number of bytes echoed",
         ),
+        GuestInfo(
+            "uart_irq",
+            "real",
+            REAL_LOAD_ADDR,
+            "interrupt-driven 16550 driver (real mode): own interrupt table, 8259 PIC remapped, IRQ 4; "
+            "echoes input until 0x04 (EOT); needs Machine(irqchip=True)",
+            0,
+            "none; result EAX = bytes echoed, EDI = interrupts taken",
+            "reset",
+        ),
         GuestInfo("spin16", "real", REAL_LOAD_ADDR, "jmp . forever (timeout tests)", 0, "none", "never"),
         GuestInfo("spin64", "long", LOAD_ADDR, "jmp . forever at CPL 0 (timeout tests)", 0, "none", "never"),
         GuestInfo(
