@@ -495,3 +495,15 @@ def test_fast_path_equivalence_on_the_fast_branch():
     assert fast.out == slow.out == text
     assert _state(fast.uart) == _state(slow.uart)
     assert _dump_registers(fast) == _dump_registers(slow)
+
+
+def test_snapshot_has_no_side_effects(h):
+    h.set(FCR, FIFO_ON)
+    h.set(IER, 0x03)  # RDA and THRE interrupts: IIR reads would clear THRE
+    h.set(MCR, 0x08)  # OUT2
+    h.uart.enqueue_input(b"abc")
+    first = h.uart.snapshot()
+    assert first == h.uart.snapshot()  # taking it changed nothing
+    assert first["rx_fifo"] == b"abc" and first["lsr"] & LSR_DR and first["irq"]
+    assert first["iir"] & 0x0F == h.get(IIR) & 0x0F  # the guest's view agrees
+    assert [h.get(RBR) for _ in range(3)] == list(b"abc")

@@ -181,6 +181,28 @@ class Uart16550:
         if self.on_state_change and self.tx_fast_path_ok != fast_path_before:
             self.on_state_change()
 
+    def snapshot(self) -> dict[str, int | bool | bytes]:
+        """The model's state without side effects (no IIR/LSR/MSR/RBR read happens).
+
+        For monitors, labs and tests: what the registers hold, the receive
+        FIFO's contents and the interrupt line, as the host sees them.
+        """
+        lsr = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0) | (LSR_OE if self._overrun else 0)
+        return {
+            "ier": self._ier,
+            "iir": self._pending_interrupt() | (0xC0 if self._fifo_enabled else 0),
+            "fcr": self._fcr,
+            "lcr": self._lcr,
+            "mcr": self._mcr,
+            "lsr": lsr,
+            "msr": self._modem_lines | self._modem_deltas,
+            "scr": self._scr,
+            "divisor": self._divisor,
+            "rx_fifo": bytes(v & 0xFF for v in self._rx),
+            "host_queue": len(self._host_input),
+            "irq": self._irq_level,
+        }
+
     def _read_register(self, register: int) -> int:
         dlab = self._lcr & LCR_DLAB
         if register == RBR:
