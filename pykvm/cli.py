@@ -5,6 +5,10 @@
     pykvm run --guest hello64           boot a shipped guest, serial on stdout
     pykvm run --kernel img.bin --mode long --load-addr 0x100000
     pykvm bench [--quick]               exit-latency and lifecycle benchmarks
+    pykvm trace --guest hello16 --max 50    single-step: each instruction, registers it changed
+    pykvm trace --guest hello64 --exits     one line per exit and the instruction behind it
+    pykvm run --guest hello64 -monitor stdio -S     QEMU-style monitor (Ctrl-a c: console/monitor)
+    pykvm run --guest hello64 --monitor-script cmds.txt   the same from a file (starts stopped)
 
 Exit status of ``run``: the guest's isa-debug-exit status ``(v << 1) | 1``
 when it wrote port 0xf4; 0 on a clean HLT or i8042 reset; 2 on bad input
@@ -52,6 +56,13 @@ def _args_pair(text: str) -> tuple[int, int]:
     return (parts + [0])[0], (parts + [0, 0])[1]
 
 
+def _count(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -96,6 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats-json", metavar="FILE", default=None, help="write the split as JSON")
     run.add_argument("--input", metavar="TEXT", default=None,
                      help="bytes to type into COM1 (escapes like \\x04 allowed) instead of reading stdin")
+
+    run.add_argument("-monitor", "--monitor", default=None, metavar="DEV",
+                     help="stdio | none: QEMU's monitor on the terminal (Ctrl-a c switches with the serial console)")
+    run.add_argument("--monitor-script", metavar="FILE", default=None,
+                     help="run monitor commands from FILE, answers on stdout (the guest starts stopped, as with -S)")
+    run.add_argument("-S", dest="freeze", action="store_true",
+                     help="with a monitor: start with the vCPU stopped until `cont` (QEMU's -S)")
+
+    trace = sub.add_parser("trace", help="single-step a guest: each instruction with the registers it changed")
+    twhat = trace.add_mutually_exclusive_group(required=True)
+    twhat.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
+    twhat.add_argument("--kernel", metavar="FILE", help="a flat binary image (or ELF / Multiboot)")
+    trace.add_argument("-m", "--memory", default="64M", help="guest RAM (default 64M)")
+    trace.add_argument("--mode", choices=MODES, default=None, help="CPU mode for a flat --kernel (default long)")
+    trace.add_argument("--format", choices=("auto", "flat", "elf", "multiboot"), default="auto",
+                       help="image format for --kernel (default: detect)")
+    trace.add_argument("--load-addr", type=_int, default=None, metavar="ADDR", help="load address for --kernel")
+    trace.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
+                       help="guest arguments in EDI/RDI and ESI/RSI")
+    trace.add_argument("--max", type=_count, default=10000, metavar="N",
+                       help="stop after N instructions (with --exits: N exits); default 10000")
+    trace.add_argument("--exits", action="store_true",
+                       help="one line per exit (reason, port/address, data, RIP, instruction) instead")
+    trace.add_argument("--break", dest="hw_breaks", type=_int, action="append", default=[], metavar="ADDR",
+                       help="run freely to linear ADDR (hardware breakpoint), then trace; repeatable")
+    trace.add_argument("--sw-break", dest="sw_breaks", type=_int, action="append", default=[], metavar="ADDR",
+                       help="the same with an int3 software breakpoint (falls back to hardware where the host "
+                            "cannot)")
+    trace.add_argument("-serial", "--serial", default="none", metavar="DEV",
+                       help="stdio | file:PATH | none (default none: the trace shows the guest's port writes)")
 
     bench = sub.add_parser("bench", help="run the benchmarks (exit latency, lifecycle)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -170,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ModeNotSupported as exc:
             print(f"pykvm run: cannot run on this host: {exc}", file=sys.stderr)
             return EXIT_HOST_CANNOT
+        if args.monitor not in (None, "none") or args.monitor_script is not None or args.freeze:
+            return _monitor_session(machine, args)
         if args.input is not None:
             machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
         elif args.serial == "stdio" and not sys.stdin.isatty():
@@ -229,7 +272,180 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "guests": cmd_guests, "bench": cmd_bench}
+def _load_for(machine, args, command: str) -> int | None:
+    """Load --guest or --kernel into ``machine``; a status to return when the host cannot, else None."""
+    from pykvm import guests
+    from pykvm.errors import LoaderError
+    from pykvm.x86.modes import ModeNotSupported
+
+    try:
+        if args.guest is not None:
+            machine.load_guest(args.guest, args=args.args)
+        else:
+            machine.load_image(args.kernel, format=args.format, mode=args.mode, load_addr=args.load_addr,
+                               args=args.args)
+    except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
+        raise UsageError(str(exc)) from None
+    except ModeNotSupported as exc:
+        print(f"pykvm {command}: cannot run on this host: {exc}", file=sys.stderr)
+        return EXIT_HOST_CANNOT
+    return None
+
+
+def _stop_status(stop) -> int:
+    """The exit status for how a traced or monitored guest ended (None: it did not end)."""
+    if stop is None or stop.reason in ("breakpoint", "step", "paused"):
+        return 0
+    if stop.clean:
+        return stop.status or 0
+    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(stop.reason, EXIT_GUEST_CRASHED)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Single-step a guest and print each instruction, or each exit (``--exits``); see pykvm.trace."""
+    from pykvm.machine import Machine
+    from pykvm.trace import TraceError, format_exit, format_mode, format_step, format_stop
+
+    if args.guest is not None and (args.mode or args.load_addr is not None):
+        raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
+    if args.kernel is not None and not os.path.isfile(args.kernel):
+        raise UsageError(f"--kernel {args.kernel}: no such file")
+    if len(args.hw_breaks) + len(args.sw_breaks) > 4:
+        raise UsageError("at most 4 breakpoints (x86 has four debug registers)")
+    sink, close_sink = _serial_sink(args.serial)
+    try:
+        machine = Machine(memory=args.memory, serial=sink)
+    except ValueError as exc:
+        close_sink()
+        raise UsageError(f"-m {args.memory}: {exc}") from None
+    out = sys.stdout
+    try:
+        status = _load_for(machine, args, "trace")
+        if status is not None:
+            return status
+        with machine.tracer() as tracer:
+            name = machine.loaded.get("name") or args.kernel
+            print(f"pykvm trace: {name}: {format_mode(machine.vcpu.get_sregs())}", file=sys.stderr)
+            noted = 0
+            try:
+                for address in args.hw_breaks:
+                    tracer.add_breakpoint(address, "hw")
+                for address in args.sw_breaks:
+                    tracer.add_breakpoint(address, "sw")
+                for note in tracer.notes:
+                    print(f"pykvm trace: {note}", file=sys.stderr)
+                noted = len(tracer.notes)
+                if tracer.breakpoints:
+                    stop = tracer.cont()
+                    print(f"== {format_stop(stop)}", file=out)
+                    if stop.reason != "breakpoint":
+                        print(f"pykvm trace: the guest stopped before any breakpoint: {format_stop(stop)}",
+                              file=sys.stderr)
+                        return _stop_status(stop)
+                count = 0
+                if args.exits:
+                    for event in tracer.exits(args.max):
+                        for note in tracer.notes[noted:]:
+                            print(f"pykvm trace: {note}", file=sys.stderr)
+                        noted = len(tracer.notes)
+                        print(format_exit(event), file=out)
+                        count += 1
+                else:
+                    for step in tracer.trace(args.max):
+                        print(format_step(step), file=out)
+                        count += 1
+            except TraceError as exc:
+                out.flush()
+                print(f"pykvm trace: cannot run on this host: {exc}", file=sys.stderr)
+                return EXIT_HOST_CANNOT
+            out.flush()
+            for note in tracer.notes[noted:]:
+                print(f"pykvm trace: {note}", file=sys.stderr)
+            stop = tracer.last_stop
+            what = f"{count} exit{'s' if count != 1 else ''}" if args.exits else f"{count} instructions"
+            ended = format_stop(stop) if stop is not None and stop.reason != "breakpoint" else (
+                f"--max {args.max} reached at rip {machine.vcpu.get_regs().rip:#x}")
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(tracer.exit_counts.items())) or "none"
+            print(f"pykvm trace: {what}; {ended}; user exits: {counts} "
+                  f"(+{tracer.debug_exits} debug exits from single-stepping)", file=sys.stderr)
+            if stop is not None and stop.message and not stop.clean and stop.reason != "breakpoint":
+                print(stop.message, file=sys.stderr)
+            return _stop_status(stop if stop is None or stop.reason != "breakpoint" else None)
+    finally:
+        machine.close()
+        close_sink()
+
+
+def _monitor_session(machine, args: argparse.Namespace) -> int:
+    """`run` with -monitor stdio or --monitor-script: the guest runs under pykvm.monitor."""
+    from pykvm.monitor import PROMPT, ConsoleMux, Monitor, wait_until_stopped
+    from pykvm.trace import format_stop
+
+    if args.monitor not in (None, "none", "stdio"):
+        raise UsageError(f"-monitor {args.monitor!r}: use stdio or none (or --monitor-script FILE)")
+    if args.monitor == "stdio" and args.monitor_script is not None:
+        raise UsageError("give -monitor stdio or --monitor-script FILE, not both")
+    if args.monitor_script is None and args.monitor in (None, "none"):
+        raise UsageError("-S needs a monitor to continue the guest: add -monitor stdio or --monitor-script FILE")
+    lines = None
+    if args.monitor_script is not None:
+        try:
+            with open(args.monitor_script, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise UsageError(f"--monitor-script {args.monitor_script}: {exc.strerror}") from None
+    if args.input is not None:
+        machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+    out = sys.stdout
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    how = "end of script"
+    with Monitor(machine) as monitor:
+        if lines is not None:
+            if args.serial == "stdio" and args.input is None and not sys.stdin.isatty():
+                _forward_stdin(machine)
+            monitor.run_script(lines, write)  # a script starts stopped (-S implied)
+        else:
+            how = "end of input"
+            fd = sys.stdin.fileno()
+            saved = None
+            if os.isatty(fd):
+                import termios
+                import tty
+
+                saved = termios.tcgetattr(fd)
+                tty.setcbreak(fd)
+            to_guest = machine.feed_serial if args.serial == "stdio" else None
+            mux = ConsoleMux(monitor, to_guest, write)
+            monitor.notify = lambda line: write(f"\n{line}\n" + (PROMPT if mux.in_monitor else ""))
+            if not args.freeze:
+                monitor.start()
+            try:
+                while not mux.quit:
+                    data = os.read(fd, 1024)
+                    if not data:
+                        write("\n")
+                        break
+                    mux.feed(data)
+            finally:
+                if saved is not None:
+                    termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        if monitor.quit_requested:
+            how = "quit"
+        else:
+            stop = wait_until_stopped(monitor, args.timeout)
+            if stop is not None and stop.reason == "timeout":
+                monitor.last_stop = stop
+    stop = monitor.last_stop
+    state = format_stop(stop) if stop is not None else "not run"
+    print(f"pykvm: monitor session ended ({how}); guest: {state}", file=sys.stderr)
+    return 0 if how == "quit" else _stop_status(stop)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "guests": cmd_guests, "bench": cmd_bench, "trace": cmd_trace}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -550,6 +550,24 @@ class Machine:
         except Exception as exc:  # a report must never hide the original problem
             return f"(register dump unavailable: {exc})"
 
+    # -- looking inside (pykvm.translate, pykvm.trace, pykvm.monitor) ------------------
+    def translate(self, gva: int):
+        """The chain GVA -> GPA (each page-table level) -> HVA (which slot) -> HPA, as a
+        ``pykvm.translate.AddressChain``; ``print()`` it.  ``gva`` is a linear address."""
+        from pykvm.translate import translate_address
+
+        return translate_address(self.vcpu, self.memory, gva)
+
+    def tracer(self, **kwargs):
+        """A ``pykvm.trace.Tracer`` on this machine: single-step, breakpoints, exit tracing."""
+        from pykvm.trace import Tracer
+
+        return Tracer(self, **kwargs)
+
+    def cancel_stop(self) -> None:
+        """Forget a ``request_stop()`` that came after the run had already ended for another reason."""
+        self._stop_request = None
+
 
 _REG_NAMES = (
     "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()

@@ -1,0 +1,747 @@
+"""A QEMU-style monitor for a running :class:`~pykvm.machine.Machine`.
+
+``pykvm run ... -monitor stdio`` gives a ``(pykvm)`` prompt; so does
+``--monitor-script FILE`` for a file of commands (answers on stdout; the
+guest then starts stopped, as with QEMU's ``-S``).  The commands, spelled
+as in QEMU's monitor where QEMU has them::
+
+    info registers      registers with RFLAGS, CR0, CR3, CR4, EFER decoded,
+                        segments, mode name, CPL, debug registers, code at RIP
+    info cpus           the vCPU: PC, state, thread
+    info mem            the guest's mappings, from its page tables
+    info stats          exits per reason (C loop / Python), time split, KVM's vCPU stats
+    info break          breakpoints
+    info status         running or stopped, and why
+    x/Ni ADDR           disassemble N instructions at linear ADDR (16/32/64-bit as the vCPU)
+    x/Nx ADDR           N words in hex at linear ADDR (x/Nxb, x/Nxh, x/Nxw, x/Nxg for sizes)
+    xp/Nx PADDR         the same at a guest-physical address
+    translate GVA       GVA -> GPA (each level) -> HVA (slot) -> HPA
+    stop | cont         pause / resume the guest
+    step [N]            single-step N instructions (default 1), printing each
+    break ADDR [hw|sw]  breakpoint at linear ADDR (sw falls back to hw where the host cannot)
+    delete [N]          delete breakpoint N, or all
+    wait [SECONDS]      (pykvm) wait until the guest stops: for scripts, after cont
+    quit                stop the guest and leave
+
+Addresses are numbers (``0x100000``, ``1048576``) or registers (``$rip``,
+``$pc``, ``$rsp+8``).  Commands that read the vCPU while the guest runs
+pause it for the moment they need, as QEMU's do.
+
+:class:`Monitor` needs no terminal: ``execute(line)`` returns the answer, so
+tests feed lines and check what comes back.  :class:`ConsoleMux` shares one
+terminal between the guest's serial console and the monitor the way QEMU's
+``-nographic`` does: ``Ctrl-a c`` switches, ``Ctrl-a x`` quits, ``Ctrl-a h``
+helps, ``Ctrl-a Ctrl-a`` sends a Ctrl-a to the guest.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from pykvm.trace import (
+    Stop, TraceError, Tracer, disassemble, format_breakpoint, format_mode, format_step, format_stop,
+)
+from pykvm.x86 import bits
+
+if TYPE_CHECKING:
+    from pykvm.machine import Machine
+
+__all__ = ["Monitor", "MonitorError", "ConsoleMux", "dump_registers", "describe_cr3", "describe_debugregs",
+           "parse_address", "PROMPT", "HELP"]
+
+PROMPT = "(pykvm) "
+CTRL_A = 0x01
+
+HELP = """\
+info registers|cpus|mem|stats|break|status
+x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
+translate GVA
+stop | cont | step [N] | wait [SECONDS]
+break ADDR [hw|sw] | delete [N]
+quit
+ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
+
+_PAUSE_REASON = "monitor"  # request_stop reason for the monitor's own short pauses
+
+
+class MonitorError(Exception):
+    """A command the monitor cannot carry out; its text is the answer."""
+
+
+# ---------------------------------------------------------------------------
+# Register dumps
+# ---------------------------------------------------------------------------
+
+
+def describe_cr3(sregs) -> str:
+    """What CR3 points at in the current paging mode, with its PWT/PCD/PCID bits."""
+    from pykvm.x86.paging import paging_mode_of
+
+    cr3 = sregs.cr3
+    mode = paging_mode_of(sregs.cr0, sregs.cr4, sregs.efer)
+    if mode == "none":
+        return f"cr3 {cr3:#x}: paging is off (CR0.PG=0), CR3 unused"
+    if mode in ("4level", "5level"):
+        root = "PML5" if mode == "5level" else "PML4"
+        base = cr3 & bits.PTE_ADDR_MASK
+    elif mode == "pae":
+        root, base = "PDPT", cr3 & bits.CR3_PAE_ADDR_MASK
+    else:
+        root, base = "page directory", cr3 & bits.PTE32_ADDR_MASK
+    extra = []
+    if sregs.cr4 & bits.CR4_PCIDE:
+        extra.append(f"PCID {cr3 & 0xFFF}")
+    else:
+        if cr3 & bits.PTE_PWT:
+            extra.append("PWT")
+        if cr3 & bits.PTE_PCD:
+            extra.append("PCD")
+    tail = f" [{' '.join(extra)}]" if extra else ""
+    return f"cr3 {cr3:#x}: {mode} paging, {root} at {base:#x}{tail}"
+
+
+_DR7_RW = {0: "exec", 1: "write", 2: "io", 3: "rw"}
+_DR7_LEN = {0: 1, 1: 2, 2: 8, 3: 4}
+
+
+def describe_debugregs(debugregs) -> str:
+    """DR0-DR3 with DR7's enables and conditions; DR6's hit bits."""
+    dr7, dr6 = debugregs.dr7, debugregs.dr6
+    parts = []
+    for i in range(4):
+        enabled = [name for name, bit in (("L", 2 * i), ("G", 2 * i + 1)) if dr7 >> bit & 1]
+        if enabled or debugregs.db[i]:
+            rw = _DR7_RW[(dr7 >> (16 + 4 * i)) & 3]
+            length = _DR7_LEN[(dr7 >> (18 + 4 * i)) & 3]
+            state = "".join(enabled) or "off"
+            parts.append(f"dr{i} {debugregs.db[i]:#x} {rw}/{length} {state}")
+    hits = [f"B{i}" for i in range(4) if dr6 >> i & 1] + (["BS"] if dr6 >> 14 & 1 else [])
+    line = f"dr6 {dr6:#x}{' [' + ' '.join(hits) + ']' if hits else ''}  dr7 {dr7:#x}"
+    return "debug: " + ("; ".join(parts) + "; " if parts else "no guest breakpoints; ") + line
+
+
+def dump_registers(vcpu, memory) -> str:
+    """Everything ``info registers`` shows: GPRs, RFLAGS, control registers,
+    EFER, CR3's table, segments (with descriptors decoded), mode and CPL,
+    debug registers, and the instruction at RIP."""
+    from pykvm.cpustate import instruction_at_rip
+    from pykvm.x86.state import format_regs, format_sregs
+
+    regs = vcpu.get_regs()
+    sregs = vcpu.get_sregs()
+    lines = [format_regs(regs), format_sregs(sregs), describe_cr3(sregs)]
+    try:
+        lines.append(describe_debugregs(vcpu.get_debugregs()))
+    except OSError as exc:
+        lines.append(f"debug: KVM_GET_DEBUGREGS failed: {exc}")
+    insn = instruction_at_rip(vcpu, memory, regs, sregs)
+    if insn is None:
+        lines.append(f"code at RIP {regs.rip:#x}: not in guest memory")
+    else:
+        address, raw, text = insn
+        lines.append(f"code at RIP {address:#x}: {raw.hex(' ')}  {text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+_REG_ALIASES = {"pc": "rip", "ip": "rip", "eip": "rip", "sp": "rsp", "esp": "rsp", "eflags": "rflags"}
+_REG_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
+               "r13", "r14", "r15", "rip", "rflags")
+_ADDR_RE = re.compile(r"^\s*(\$?[A-Za-z0-9_]+)\s*(?:([+-])\s*(\S+))?\s*$")
+
+
+def parse_address(text: str, regs=None) -> int:
+    """``0x100000``, ``1048576``, ``$rip``, ``$pc+4``, ``$rsp-0x10`` -> an integer."""
+    m = _ADDR_RE.match(text)
+    if not m:
+        raise MonitorError(f"bad address {text!r}")
+    base, sign, offset = m.groups()
+    if base.startswith("$"):
+        name = base[1:].lower()
+        name = _REG_ALIASES.get(name, name)
+        if name not in _REG_FIELDS:
+            raise MonitorError(f"unknown register {base!r}")
+        if regs is None:
+            raise MonitorError("registers are not available")
+        value = getattr(regs, name)
+    else:
+        value = _number(base)
+    if sign:
+        delta = _number(offset)
+        value = value + delta if sign == "+" else value - delta
+    if value < 0:
+        raise MonitorError(f"address {text!r} is negative")
+    return value
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        try:
+            return int(text, 16)  # QEMU takes bare hex too
+        except ValueError:
+            raise MonitorError(f"not a number: {text!r}") from None
+
+
+_FMT_RE = re.compile(r"^(\d*)([xduoci]?)([bhwg]?)$")
+_SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
+
+
+def _parse_format(fmt: str) -> tuple[int, str, int]:
+    m = _FMT_RE.match(fmt)
+    if not m:
+        raise MonitorError(f"bad format /{fmt}: use /Nx, /Ni, /Nd, /Nu, /Nc with size b, h, w or g")
+    count, kind, size = m.groups()
+    return int(count or 1), kind or "x", _SIZES[size] if size else 4
+
+
+# ---------------------------------------------------------------------------
+# The monitor
+# ---------------------------------------------------------------------------
+
+
+class Monitor:
+    """Commands on a machine; ``execute(line) -> answer``.
+
+    ``notify`` (optional) receives a line when the guest stops by itself
+    while running (breakpoint, HLT...); without it, ``wait`` and ``info
+    status`` report that.  ``timeout`` bounds ``wait`` without an argument.
+    """
+
+    def __init__(self, machine: "Machine", *, notify: Callable[[str], None] | None = None,
+                 wait_timeout: float = 60.0) -> None:
+        self.machine = machine
+        self.tracer = Tracer(machine)
+        self.notify = notify
+        self.wait_timeout = wait_timeout
+        self.quit_requested = False
+        self.last_stop: Stop | None = None
+        self._worker: threading.Thread | None = None
+        self._worker_tid: int | None = None
+        self._worker_stop: Stop | None = None
+        self._worker_error: BaseException | None = None
+        self._stopped_event = threading.Event()
+        self._lock = threading.RLock()
+        self._stats_fd = None
+        self._ever_ran = False
+        self._busy = False
+        self._deferred: list[str] = []
+        self._notice_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
+    def close(self) -> None:
+        """Stop the guest if it runs; turn guest debugging off."""
+        self._pause(reason="paused")
+        if self._stats_fd is not None:
+            self._stats_fd.close()
+            self._stats_fd = None
+        if not self.machine.vcpu.closed:
+            self.tracer.close()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- running the guest in a worker thread --------------------------------------------
+    def start(self) -> None:
+        """Resume the guest in a worker thread (``cont``)."""
+        with self._lock:
+            if self.running:
+                return
+            self._join()
+            self._stopped_event.clear()
+            self._worker_stop = None
+            self._worker_error = None
+            self._ever_ran = True
+            self._worker = threading.Thread(target=self._work, name="pykvm-vcpu0", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        self._worker_tid = threading.get_native_id()
+        try:
+            stop = self.tracer.cont()
+        except BaseException as exc:  # reported by the next command; the thread must not die silently
+            self._worker_error = exc
+            stop = Stop("error", None, f"{type(exc).__name__}: {exc}")
+        self._worker_stop = stop
+        self._worker_tid = None
+        if stop.reason not in (_PAUSE_REASON, "paused"):
+            self.last_stop = stop
+            self._notice(f"guest stopped: {format_stop(stop)}")
+        self._stopped_event.set()
+
+    def _notice(self, text: str) -> None:
+        """Tell ``notify`` now, or after the command being executed (whose answer comes first)."""
+        with self._notice_lock:
+            if self.notify is None:
+                return
+            if self._busy:
+                self._deferred.append(text)
+                return
+        self.notify(text)
+
+    def _join(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+            self._worker = None
+            stop = self._worker_stop
+            if stop is not None and stop.reason not in (_PAUSE_REASON, "paused"):
+                self.machine.cancel_stop()  # our request (if any) came after the run had ended
+
+    def _pause(self, reason: str = _PAUSE_REASON) -> bool:
+        """Stop the worker if it runs; return True if it was running."""
+        with self._lock:
+            if not self.running:
+                self._join()
+                return False
+            self.machine.request_stop(reason)
+            self._join()
+            stop = self._worker_stop
+            if stop is not None and stop.reason == "paused":
+                self.last_stop = stop
+            return stop is not None and stop.reason in (_PAUSE_REASON, "paused")
+
+    def _with_vcpu(self, action: Callable[[], str]) -> str:
+        """Run ``action`` with the vCPU stopped; resume afterwards if it was running."""
+        was_running = self._pause()
+        try:
+            return action()
+        finally:
+            if was_running:
+                self.start()
+
+    # -- commands ----------------------------------------------------------------------
+    def execute(self, line: str) -> str:
+        """Run one command line; return its answer ('' for none).  Never raises for bad input.
+
+        With ``notify`` set, a stop that happened while the command ran is
+        appended to the answer (except for ``wait``, whose answer says it).
+        """
+        with self._notice_lock:
+            self._busy = True
+        try:
+            answer = self._execute(line)
+        finally:
+            with self._notice_lock:
+                self._busy = False
+                deferred, self._deferred = self._deferred, []
+        if deferred and line.split()[:1] not in (["wait"], ["stop"]):
+            answer = "\n".join(([answer] if answer else []) + deferred)
+        return answer
+
+    def _execute(self, line: str) -> str:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return ""
+        head, _, rest = line.partition(" ")
+        name, _, fmt = head.partition("/")
+        rest = rest.strip()
+        handler = {
+            "info": self._cmd_info, "i": self._cmd_info,
+            "x": self._cmd_x, "xp": self._cmd_xp,
+            "translate": self._cmd_translate,
+            "stop": self._cmd_stop,
+            "cont": self._cmd_cont, "c": self._cmd_cont,
+            "step": self._cmd_step, "s": self._cmd_step,
+            "break": self._cmd_break, "b": self._cmd_break,
+            "delete": self._cmd_delete, "d": self._cmd_delete,
+            "wait": self._cmd_wait,
+            "quit": self._cmd_quit, "q": self._cmd_quit,
+            "help": self._cmd_help, "?": self._cmd_help,
+        }.get(name)
+        if handler is None:
+            return f"unknown command: '{name}' (try help)"
+        if fmt and name not in ("x", "xp"):
+            return f"{name} takes no /format"
+        try:
+            if name in ("x", "xp"):
+                return handler(fmt, rest)
+            return handler(rest)
+        except (MonitorError, TraceError) as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"error: {exc}"
+
+    def run_script(self, lines: Iterable[str], write: Callable[[str], None]) -> None:
+        """Execute ``lines`` in order, writing ``(pykvm) command`` and its answer for each."""
+        for line in lines:
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            write(f"{PROMPT}{text}\n")
+            answer = self.execute(text)
+            if answer:
+                write(answer.rstrip("\n") + "\n")
+            if self.quit_requested:
+                return
+
+    def _cmd_help(self, rest: str) -> str:
+        return HELP
+
+    def _cmd_quit(self, rest: str) -> str:
+        self._pause(reason="paused")
+        self.quit_requested = True
+        return ""
+
+    # info ...
+    def _cmd_info(self, rest: str) -> str:
+        what = rest.split()[0] if rest.split() else ""
+        table = {
+            "registers": self._info_registers, "cpus": self._info_cpus, "mem": self._info_mem,
+            "stats": self._info_stats, "break": self._info_break, "breakpoints": self._info_break,
+            "status": self._info_status, "tlb": self._info_mem,
+        }
+        if what not in table:
+            return "info registers|cpus|mem|stats|break|status"
+        return table[what]()
+
+    def _info_registers(self) -> str:
+        return self._with_vcpu(lambda: dump_registers(self.machine.vcpu, self.machine.memory))
+
+    def _state_words(self) -> str:
+        if self.running:
+            return "running"
+        if self.last_stop is None:
+            return "stopped" + (" (not started)" if not self._ever_ran else "")
+        return f"stopped: {format_stop(self.last_stop)}"
+
+    def _info_status(self) -> str:
+        return f"VM status: {self._state_words()}"
+
+    def _info_cpus(self) -> str:
+        state = self._state_words()
+        tid = self._worker_tid
+
+        def read() -> str:
+            vcpu = self.machine.vcpu
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            thread = f" thread_id={tid}" if tid else ""
+            return f"* CPU #{vcpu.id}: pc={regs.rip:#018x} ({format_mode(sregs)}){thread} {state}"
+        return self._with_vcpu(read)
+
+    def _info_mem(self) -> str:
+        from pykvm.translate import format_mappings, mappings
+
+        def read() -> str:
+            sregs = self.machine.vcpu.get_sregs()
+            if not sregs.cr0 & bits.CR0_PG:
+                return ("paging is off (CR0.PG=0): linear addresses are guest-physical; RAM: "
+                        + self.machine.memory.describe())
+            maps = mappings(self.machine.memory.read, sregs)
+            if not maps:
+                return "no mappings (the page tables map nothing)"
+            return format_mappings(maps)
+        return self._with_vcpu(read)
+
+    def _info_stats(self) -> str:
+        from pykvm.exits import REASON_NAMES
+
+        counters = self.machine.loop.counters()
+        lines = ["exits that reached user space (total = C loop + Python):"]
+        user_total = 0
+        for reason, c in sorted(counters["exits"].items(), key=lambda kv: REASON_NAMES.get(kv[0], str(kv[0]))):
+            name = REASON_NAMES.get(reason, str(reason))
+            if name != "intr":
+                user_total += c["total"]
+            lines.append(f"  {name:<16} {c['total']:>8}  (C {c['c']}, Python {c['python']})")
+        if len(lines) == 1:
+            lines.append("  none yet")
+        lines.append(
+            f"time in KVM_RUN {counters['seconds_in_run'] * 1e3:.3f} ms, in C handlers "
+            f"{counters['seconds_in_c'] * 1e3:.3f} ms, in Python handlers {counters['seconds_in_python'] * 1e3:.3f} ms"
+        )
+        tr = self.tracer
+        lines.append(f"tracer: {tr.steps_done} steps, {tr.debug_exits} single-step/breakpoint debug exits")
+        try:
+            if self._stats_fd is None:
+                self._stats_fd = self.machine.vcpu.stats_fd()
+            values = self._stats_fd.read()
+        except OSError as exc:
+            lines.append(f"vCPU stats: KVM_GET_STATS_FD failed: {exc}")
+            return "\n".join(lines)
+        shown = {k: v for k, v in values.items() if isinstance(v, int) and v}
+        lines.append(f"vCPU stats ({self._stats_fd.id or 'KVM_GET_STATS_FD'}, nonzero counters):")
+        for key in sorted(shown):
+            lines.append(f"  {key:<28} {shown[key]}")
+        if isinstance(values.get("exits"), int):
+            kernel = values["exits"] - user_total
+            lines.append(f"exits handled in the kernel (vCPU 'exits' minus those above): {max(kernel, 0)}")
+        return "\n".join(lines)
+
+    def _info_break(self) -> str:
+        bps = self.tracer.breakpoints
+        if not bps:
+            return "no breakpoints"
+        return "\n".join(format_breakpoint(bp) for bp in bps)
+
+    # memory
+    def _cmd_x(self, fmt: str, rest: str) -> str:
+        return self._examine(fmt, rest, physical=False)
+
+    def _cmd_xp(self, fmt: str, rest: str) -> str:
+        return self._examine(fmt, rest, physical=True)
+
+    def _examine(self, fmt: str, rest: str, physical: bool) -> str:
+        count, kind, size = _parse_format(fmt)
+        if not rest:
+            raise MonitorError(f"{'xp' if physical else 'x'}/{fmt} needs an address")
+        if count > 4096:
+            raise MonitorError("at most 4096 units at a time")
+
+        def read() -> str:
+            from pykvm.cpustate import code_bits, read_virtual
+
+            vcpu, memory = self.machine.vcpu, self.machine.memory
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            address = parse_address(rest, regs)
+            if kind == "i":
+                want = count * 15
+                if physical:
+                    data = _read_physical(memory, address, want)
+                else:
+                    data = read_virtual(memory, sregs, address, want)
+                if not data:
+                    raise MonitorError(f"Cannot access memory at {address:#x}")
+                nbits = code_bits(sregs)
+                ip = address
+                if not physical and nbits == 16:
+                    ip = (address - sregs.cs.base) & 0xFFFF  # capstone wants IP for relative targets
+                insns = disassemble(data, ip, nbits, count, linear=address)
+                if not insns:
+                    return f"{address:#018x}:  {data[:1].hex()}  (bad)"
+                return "\n".join(f"{i.linear:#018x}:  {i.raw.hex(' '):<24} {i.text}" for i in insns)
+            want = count * size
+            data = _read_physical(memory, address, want) if physical else read_virtual(memory, sregs, address, want)
+            if len(data) < size:
+                raise MonitorError(f"Cannot access memory at {address:#x}")
+            units = [data[i:i + size] for i in range(0, len(data) - len(data) % size, size)]
+            per_line = max(1, 16 // size)
+            lines = []
+            for start in range(0, len(units), per_line):
+                cells = [_format_unit(u, kind, size) for u in units[start:start + per_line]]
+                lines.append(f"{address + start * size:016x}: " + " ".join(cells))
+            if len(units) < count:
+                lines.append(f"Cannot access memory at {address + len(units) * size:#x}")
+            return "\n".join(lines)
+        return self._with_vcpu(read)
+
+    def _cmd_translate(self, rest: str) -> str:
+        if not rest:
+            raise MonitorError("translate needs a guest-virtual (linear) address")
+
+        def read() -> str:
+            address = parse_address(rest, self.machine.vcpu.get_regs())
+            return str(self.machine.translate(address))
+        return self._with_vcpu(read)
+
+    # execution control
+    def _cmd_stop(self, rest: str) -> str:
+        if not self.running:
+            return f"already stopped at rip {self.machine.vcpu.get_regs().rip:#x}"
+        self._pause(reason="paused")
+        return f"stopped at rip {self.machine.vcpu.get_regs().rip:#x}"
+
+    def _cmd_cont(self, rest: str) -> str:
+        if self.running:
+            return "already running"
+        rip = self.machine.vcpu.get_regs().rip
+        self.last_stop = None
+        self.start()
+        return f"continuing at rip {rip:#x}"
+
+    def _cmd_step(self, rest: str) -> str:
+        count = _number(rest) if rest else 1
+        if count < 1:
+            raise MonitorError("step takes a positive count")
+        self._pause(reason="paused")
+        lines = [format_step(step) for step in self.tracer.trace(count)]
+        self.last_stop = self.tracer.last_stop or Stop("step", None, "", self.machine.vcpu.get_regs().rip)
+        return "\n".join(lines)
+
+    def _cmd_wait(self, rest: str) -> str:
+        seconds = float(rest) if rest else self.wait_timeout
+        worker = self._worker
+        if worker is None:
+            return f"VM status: {self._state_words()}"
+        worker.join(seconds)
+        if worker.is_alive():
+            return f"still running after {seconds:g} s"
+        self._join()
+        return f"VM status: {self._state_words()}"
+
+    def _cmd_break(self, rest: str) -> str:
+        parts = rest.split()
+        if not parts or len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("hw", "sw")):
+            raise MonitorError("break ADDR [hw|sw]")
+        kind = parts[1] if len(parts) == 2 else "hw"
+
+        def add() -> str:
+            address = parse_address(parts[0], self.machine.vcpu.get_regs())
+            bp = self.tracer.add_breakpoint(address, kind)
+            where = f"DR{bp.slot}" if bp.slot is not None else "int3"
+            line = f"breakpoint {bp.number} at {bp.address:#x} ({bp.kind}, {where})"
+            if bp.note:
+                line += f"\nnote: {bp.note}"
+            return line
+        return self._with_vcpu(add)
+
+    def _cmd_delete(self, rest: str) -> str:
+        def delete() -> str:
+            if not rest:
+                n = self.tracer.clear_breakpoints()
+                return f"deleted {n} breakpoint{'s' if n != 1 else ''}"
+            bp = self.tracer.remove_breakpoint(_number(rest))
+            return f"deleted breakpoint {bp.number} at {bp.address:#x}"
+        return self._with_vcpu(delete)
+
+
+def _read_physical(memory, address: int, size: int) -> bytes:
+    """Up to ``size`` bytes of guest-physical memory, stopping where RAM stops."""
+    out = bytearray()
+    while len(out) < size:
+        at = address + len(out)
+        if not memory.is_mapped(at):
+            break
+        region = memory.region_at(at)
+        out += memory.read(at, min(size - len(out), region.end - at))
+    return bytes(out)
+
+
+def _format_unit(data: bytes, kind: str, size: int) -> str:
+    value = int.from_bytes(data, "little")
+    if kind == "x":
+        return f"{value:#0{2 + 2 * size}x}"
+    if kind == "d":
+        return str(int.from_bytes(data, "little", signed=True))
+    if kind == "u":
+        return str(value)
+    if kind == "o":
+        return f"{value:#o}"
+    if kind == "c":
+        return repr(data.decode("latin-1"))
+    return f"{value:#x}"
+
+
+# ---------------------------------------------------------------------------
+# One terminal for the serial console and the monitor (QEMU's -nographic mux)
+# ---------------------------------------------------------------------------
+
+MUX_HELP = (
+    "C-a h    print this help\n"
+    "C-a x    exit pykvm\n"
+    "C-a c    switch between console and monitor\n"
+    "C-a C-a  sends C-a\n"
+)
+
+
+class ConsoleMux:
+    """Route terminal input to the guest's serial port or to the monitor.
+
+    ``feed(data)`` takes bytes as typed; in console mode they go to
+    ``to_guest``, in monitor mode they are edited into a line (echoed,
+    backspace works) and executed on Enter; answers go to ``write``.
+    ``Ctrl-a c`` switches, ``Ctrl-a x`` quits.  No terminal is needed:
+    tests feed bytes and read what was written.
+    """
+
+    def __init__(self, monitor: Monitor, to_guest: Callable[[bytes], None] | None,
+                 write: Callable[[str], None], *, start_in_monitor: bool = True) -> None:
+        self.monitor = monitor
+        self.to_guest = to_guest
+        self.write = write
+        self.in_monitor = start_in_monitor or to_guest is None
+        self._escape = False
+        self._line = bytearray()
+        self.quit = False
+        if self.in_monitor:
+            self.write(PROMPT)
+
+    def switch(self) -> None:
+        if self.to_guest is None:
+            self.write("\n(no serial console on this terminal)\n" + PROMPT)
+            return
+        self.in_monitor = not self.in_monitor
+        if self.in_monitor:
+            self.write("\n" + PROMPT + self._line.decode("utf-8", "replace"))
+        else:
+            self.write("\n")
+
+    def feed(self, data: bytes) -> None:
+        for byte in data:
+            if self.quit:
+                return
+            if self._escape:
+                self._escape = False
+                if byte in (ord("c"), ord("C")):
+                    self.switch()
+                elif byte in (ord("x"), ord("X")):
+                    self.write("\npykvm: terminated (C-a x)\n")
+                    self.monitor.execute("quit")
+                    self.quit = True
+                elif byte in (ord("h"), ord("H"), ord("?")):
+                    self.write("\n" + MUX_HELP)
+                    if self.in_monitor:
+                        self.write(PROMPT + self._line.decode("utf-8", "replace"))
+                elif byte == CTRL_A:
+                    self._deliver(bytes([CTRL_A]))
+                continue
+            if byte == CTRL_A:
+                self._escape = True
+                continue
+            self._deliver(bytes([byte]))
+
+    def _deliver(self, data: bytes) -> None:
+        if not self.in_monitor:
+            self.to_guest(data)
+            return
+        byte = data[0]
+        if byte in (0x0D, 0x0A):
+            line = self._line.decode("utf-8", "replace")
+            self._line.clear()
+            self.write("\n")
+            answer = self.monitor.execute(line)
+            if answer:
+                self.write(answer.rstrip() + "\n")
+            if self.monitor.quit_requested:
+                self.quit = True
+                return
+            self.write(PROMPT)
+        elif byte in (0x7F, 0x08):
+            if self._line:
+                self._line.pop()
+                self.write("\b \b")
+        elif byte == 0x15:  # Ctrl-U: kill the line
+            self.write("\b \b" * len(self._line))
+            self._line.clear()
+        elif byte >= 0x20 or byte == 0x09:
+            self._line.append(byte)
+            self.write(chr(byte) if byte < 0x80 else "")
+
+
+def wait_until_stopped(monitor: Monitor, timeout: float | None) -> Stop | None:
+    """Block until the guest stops by itself (or ``timeout`` seconds pass: then pause it)."""
+    worker = monitor._worker
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while worker is not None and worker.is_alive():
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            monitor._pause(reason="paused")
+            return Stop("timeout", None, "stopped by --timeout")
+        worker.join(0.1 if left is None else min(left, 0.1))
+    monitor._join()
+    return monitor.last_stop
