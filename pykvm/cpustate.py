@@ -87,18 +87,21 @@ def instruction_at_rip(vcpu: "Vcpu", memory: "GuestMemory", regs=None, sregs=Non
     return (rip, code, "(undecodable)") if code else None
 
 
+def format_code_at_rip(vcpu: "Vcpu", memory: "GuestMemory", regs=None, sregs=None) -> str:
+    """One line: 'code at RIP 0x...: <bytes>  <instruction>' (or why there is none)."""
+    regs = regs or vcpu.get_regs()
+    insn = instruction_at_rip(vcpu, memory, regs, sregs)
+    if insn is None:
+        return f"code at RIP {regs.rip:#x}: not in guest memory"
+    address, raw, text = insn
+    return f"code at RIP {address:#x}: {raw.hex(' ')}  {text}"
+
+
 def describe(vcpu: "Vcpu", memory: "GuestMemory") -> str:
     """Registers, segments, control registers and the instruction at RIP."""
     regs = vcpu.get_regs()
     sregs = vcpu.get_sregs()
-    lines = [format_regs(regs), format_sregs(sregs)]
-    insn = instruction_at_rip(vcpu, memory, regs, sregs)
-    if insn is None:
-        lines.append(f"code at RIP {regs.rip:#x}: not in guest memory")
-    else:
-        address, raw, text = insn
-        lines.append(f"code at RIP {address:#x}: {raw.hex(' ')}  {text}")
-    return "\n".join(lines)
+    return "\n".join([format_regs(regs), format_sregs(sregs), format_code_at_rip(vcpu, memory, regs, sregs)])
 
 
 def mode_name(sregs, rflags: int = 0) -> str:

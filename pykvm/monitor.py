@@ -127,7 +127,7 @@ def dump_registers(vcpu, memory) -> str:
     """Everything ``info registers`` shows: GPRs, RFLAGS, control registers,
     EFER, CR3's table, segments (with descriptors decoded), mode and CPL,
     debug registers, and the instruction at RIP."""
-    from pykvm.cpustate import instruction_at_rip
+    from pykvm.cpustate import format_code_at_rip
     from pykvm.x86.state import format_regs, format_sregs
 
     regs = vcpu.get_regs()
@@ -137,12 +137,7 @@ def dump_registers(vcpu, memory) -> str:
         lines.append(describe_debugregs(vcpu.get_debugregs()))
     except OSError as exc:
         lines.append(f"debug: KVM_GET_DEBUGREGS failed: {exc}")
-    insn = instruction_at_rip(vcpu, memory, regs, sregs)
-    if insn is None:
-        lines.append(f"code at RIP {regs.rip:#x}: not in guest memory")
-    else:
-        address, raw, text = insn
-        lines.append(f"code at RIP {address:#x}: {raw.hex(' ')}  {text}")
+    lines.append(format_code_at_rip(vcpu, memory, regs, sregs))
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from pykvm._native_loader import ffi, lib
+from pykvm.fdowner import FdOwner
 
 _TYPE_NAMES = {
     lib.KVM_STATS_TYPE_CUMULATIVE: "cumulative",
@@ -48,7 +49,7 @@ class StatDescriptor:
         return self.type.endswith("hist")
 
 
-class StatsFd:
+class StatsFd(FdOwner):
     """Owner of a stats fd: parses descriptors once, reads values on demand."""
 
     def __init__(self, fd: int, owner: str = "") -> None:
@@ -64,24 +65,6 @@ class StatsFd:
             self.descriptors.append(_parse_descriptor(raw[i * desc_size:(i + 1) * desc_size]))
         self._data_offset = hdr.data_offset
         self._data_size = 8 * max((d.offset // 8 + d.size for d in self.descriptors), default=0)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "StatsFd":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def read(self) -> dict[str, int | list[int]]:
         """Current values: an int per counter, a list of buckets per histogram."""

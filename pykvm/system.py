@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError, check
+from pykvm.fdowner import FdOwner
 
 if TYPE_CHECKING:
     from pykvm.vm import Vm
@@ -19,8 +20,11 @@ if TYPE_CHECKING:
 DEFAULT_DEVICE = "/dev/kvm"
 
 
-class Kvm:
-    """An open /dev/kvm.  Close it with ``close()`` or a ``with`` block."""
+class Kvm(FdOwner):
+    """An open /dev/kvm.  Close it with ``close()`` or a ``with`` block.
+
+    VMs created from it stay valid after it is closed: they own their fds.
+    """
 
     def __init__(self, path: str = DEFAULT_DEVICE) -> None:
         try:
@@ -28,32 +32,6 @@ class Kvm:
         except OSError as exc:
             raise KvmError(f"open({path})", exc.errno or 0) from None
         self.path = path
-
-    # -- ownership -----------------------------------------------------------
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise ValueError("Kvm is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        """Close the system fd.  VMs created from it stay valid (they own their fds)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Kvm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Kvm {self.path} fd={self._fd}>"

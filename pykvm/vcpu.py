@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 from pykvm import exits
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError, check
+from pykvm.fdowner import FdOwner
 
 if TYPE_CHECKING:
     from pykvm.stats import StatsFd
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 
 
-class Vcpu:
-    """A virtual CPU.  Close it with ``close()`` or a ``with`` block."""
+class Vcpu(FdOwner):
+    """A virtual CPU.  Close it with ``close()`` or a ``with`` block (unmaps kvm_run, closes the fd)."""
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self._fd = fd
@@ -39,36 +40,12 @@ class Vcpu:
         self.kvm_run = ffi.cast("struct kvm_run *", mapping)
         """The shared ``struct kvm_run`` page: exit reason and data of the last KVM_RUN."""
 
-    # -- ownership -----------------------------------------------------------
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise ValueError("Vcpu is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        """Unmap kvm_run and close the vCPU fd."""
-        if self._mapping is not None:
+    def _release(self) -> None:
+        """Unmap kvm_run before the fd closes."""
+        if getattr(self, "_mapping", None) is not None:
             lib.pykvm_munmap(self._mapping, self._mmap_size)
             self._mapping = None
             self.kvm_run = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Vcpu":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0 or getattr(self, "_mapping", None) is not None:
-            self.close()
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} fd={self._fd}>"

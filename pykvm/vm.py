@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import check
+from pykvm.fdowner import FdOwner
 
 if TYPE_CHECKING:
     from pykvm.stats import StatsFd
@@ -20,41 +21,15 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 
 
-class Vm:
-    """A KVM virtual machine.  Close it with ``close()`` or a ``with`` block."""
+class Vm(FdOwner):
+    """A KVM virtual machine.  Close it with ``close()`` or a ``with`` block.
+
+    The kernel frees the VM when its vCPU fds are closed too.
+    """
 
     def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         self._fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
-
-    # -- ownership -----------------------------------------------------------
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise ValueError("Vm is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        """Close the VM fd.  The kernel frees the VM when its vCPU fds are closed too."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Vm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Vm fd={self._fd}>"
 
     def _ioctl(self, name: str, request: int, arg) -> int:
         if isinstance(arg, int):
