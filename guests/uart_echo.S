@@ -55,27 +55,8 @@ bye:
     mov eax, ebx                    /* result */
     STOP
 
-/* uart_putc: send AL once LSR.THRE says the holding register is empty.
- * Clobbers AH, DX. */
-uart_putc:
-    mov ah, al
-    mov dx, UART_LSR
-1:  in al, dx
-    test al, UART_LSR_THRE
-    jz 1b
-    mov al, ah
-    mov dx, UART_THR
-    out dx, al
-    ret
-
-/* uart_puts: send the NUL-terminated string at ESI.  Clobbers EAX, EDX, ESI. */
-uart_puts:
-1:  lodsb
-    test al, al
-    jz 2f
-    call uart_putc
-    jmp 1b
-2:  ret
+#define LIB_UART_POLLED
+#include "lib.inc"
 
     .section .rodata, "a"
 msg_ready:

@@ -160,24 +160,8 @@ fault:
     mov eax, 0xffffffff
     I8042_RESET_FOREVER
 
-uart_putc:
-    mov ah, al
-    mov dx, UART_LSR
-1:  in al, dx
-    test al, UART_LSR_THRE
-    jz 1b
-    mov al, ah
-    mov dx, UART_THR
-    out dx, al
-    ret
-
-uart_puts:
-1:  lodsb
-    test al, al
-    jz 2f
-    call uart_putc
-    jmp 1b
-2:  ret
+#define LIB_UART_POLLED
+#include "lib.inc"
 
     .section .rodata, "a"
 msg_ready:
