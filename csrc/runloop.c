@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <x86intrin.h>
 
 uint64_t pykvm_rdtsc(void) { return __rdtsc(); }
@@ -119,6 +120,18 @@ static enum outcome handle_write(struct pykvm_loop *L, struct pykvm_range *r,
     case PYKVM_WRITE_DEBUG_EXIT:
         L->stop_status = (le_value(data, size) << 1) | 1;
         return DEBUG_EXIT;
+    case PYKVM_WRITE_EVENTFD: {
+        /* A doorbell (virtio's QueueNotify): wake the host thread that waits
+         * on the eventfd and re-enter the guest at once; that thread does
+         * the work.  Like KVM_IOEVENTFD, but after a trip to user space, and
+         * without the value: the thread looks at every queue of the device.
+         * The write cannot block (the counter would need 2^64-2 unread
+         * kicks); if it fails at all, Python handles the access instead. */
+        uint64_t one = 1;
+        if (write(r->write_fd, &one, sizeof(one)) != (ssize_t)sizeof(one))
+            return PASS;
+        return HANDLED;
+    }
     default:
         return PASS;
     }

@@ -33,6 +33,7 @@
 #define PYKVM_WRITE_DROP       1  /* discard (a POST-code sink, a doorbell being counted) */
 #define PYKVM_WRITE_TXBUF      2  /* append 1-byte writes to the transmit buffer */
 #define PYKVM_WRITE_DEBUG_EXIT 3  /* stop the loop: status = (value << 1) | 1 */
+#define PYKVM_WRITE_EVENTFD    4  /* a doorbell: add 1 to the eventfd write_fd, resume the guest */
 
 /* Why pykvm_loop_run() returned.  The low byte is the code; for the four
  * single-access I/O codes the return value also packs the access, so the
@@ -62,6 +63,8 @@ struct pykvm_range {
     uint32_t write_action;
     uint32_t id;          /* the Python side's handle, for statistics */
     uint64_t hits;        /* accesses handled in C */
+    int32_t write_fd;     /* PYKVM_WRITE_EVENTFD: the eventfd to signal (else unused) */
+    uint32_t reserved;
 };
 
 struct pykvm_loop {

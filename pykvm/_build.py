@@ -75,6 +75,7 @@ RUNLOOP_CONSTANTS = """
 PYKVM_MAX_RANGES PYKVM_NR_REASONS PYKVM_HIST_BUCKETS
 PYKVM_SPACE_PIO PYKVM_SPACE_MMIO PYKVM_READ_PASS PYKVM_READ_CONST
 PYKVM_WRITE_PASS PYKVM_WRITE_DROP PYKVM_WRITE_TXBUF PYKVM_WRITE_DEBUG_EXIT
+PYKVM_WRITE_EVENTFD
 PYKVM_RET_EXIT PYKVM_RET_DEBUG_EXIT PYKVM_RET_INTR PYKVM_RET_ERROR
 PYKVM_RET_PIO_OUT PYKVM_RET_PIO_IN PYKVM_RET_MMIO_WRITE PYKVM_RET_MMIO_READ
 PYKVM_RET_CODE_MASK PYKVM_RET_TX_PENDING
@@ -91,6 +92,7 @@ struct pykvm_range {
     uint64_t base; uint64_t length; uint64_t read_value;
     uint32_t space; uint32_t read_action; uint32_t write_action; uint32_t id;
     uint64_t hits;
+    int32_t write_fd; uint32_t reserved;
 };
 struct pykvm_loop {
     int vcpu_fd;
@@ -159,7 +161,11 @@ def build_in_place() -> pathlib.Path:
     root = pathlib.Path(__file__).resolve().parent.parent
     built = pathlib.Path(ffibuilder.compile(tmpdir=str(root / "build" / "cffi")))
     target = root / "pykvm" / built.name
-    shutil.copy2(built, target)
+    # Copy, then rename over the old file: processes that have the old
+    # extension mapped keep its inode (truncating it in place would crash them).
+    partial = target.with_name(target.name + ".tmp")
+    shutil.copy2(built, partial)
+    partial.replace(target)
     return target
 
 

@@ -16,6 +16,7 @@ debug-exit port, ...) and returns the rest to Python's buses.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -72,6 +73,24 @@ def _install_kick_handler() -> None:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), "sigaction")
         _kick_installed = True
+
+
+@dataclass
+class VirtioSlot:
+    """A virtio device a machine carries: its window, line and notification paths.
+
+    ``fds`` names the eventfds wired for it (``irqfd``, ``resamplefd``,
+    ``ioeventfd<queue>``, ``doorbell``); the machine's I/O thread owns them.
+    """
+
+    name: str
+    device: object
+    transport: object
+    base: int
+    irq: int
+    notify: str
+    interrupt: str
+    fds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,6 +206,10 @@ class Machine:
         self._serial_dropped = 0
         self._fast_dirty = True
         self._devices: list[tuple[object, str, int, int]] = []
+        self._virtio: list[VirtioSlot] = []  # add_virtio(): transports and their wiring
+        self._notify_ranges: list[FastRange] = []  # C-loop doorbells (notify="c")
+        self._coalesced_zones: list[tuple[int, int, bool]] = []  # add_coalesced_zone()
+        self.iothread = None  # pykvm.iothread.IoThread, made by the first device that needs it
         self.serial = Uart16550(output=self._on_serial, interrupt=self._irq_callback(COM1_IRQ))
         self.serial.on_state_change = self._mark_fast_dirty
         self.debug_exit = DebugExit()
@@ -205,7 +228,12 @@ class Machine:
 
     # -- ownership -----------------------------------------------------------
     def close(self) -> None:
-        """Close the stats fd, vCPU, memory, VM and (if owned) /dev/kvm, in that order."""
+        """Close the stats fd, vCPU, memory, VM and (if owned) /dev/kvm, in that order.
+
+        Virtio devices go first: the I/O thread stops (its handlers touch
+        guest memory), consoles close their backends, the eventfds close.
+        """
+        self._close_virtio()
         if getattr(self, "vcpu_stats", None) is not None:
             self.vcpu_stats.close()
         if self.vcpu is not None:
@@ -266,6 +294,7 @@ class Machine:
                 ranges.append(FastRange(space, base, length, READ_CONST, WRITE_DROP, 0xFF, "port80"))
             elif isinstance(device, Uart16550) and device.tx_fast_path_ok:
                 ranges.append(FastRange(space, base, 1, READ_PASS, WRITE_TXBUF, 0, "uart-thr"))
+        ranges.extend(self._notify_ranges)
         return ranges
 
     def _sync_fast_ranges(self) -> None:
@@ -276,6 +305,239 @@ class Machine:
         data = self.loop.take_tx()
         if data:
             self.serial.accept_transmitted(data)
+
+    # -- virtio devices and I/O handled in the kernel ----------------------------------
+    def add_virtio_console(
+        self, backend=None, *, base: int | None = None, irq: int | None = None, notify: str = "python",
+        interrupt: str = "irq_line", name: str | None = None, **console_options,
+    ):
+        """Add a virtio-console on virtio-mmio; return ``(console, transport)``.
+
+        ``backend`` is the console's host side (``pykvm.virtio.backends``;
+        None discards output and gives no input); ``console_options`` go to
+        :class:`pykvm.virtio.VirtioConsole`.  The machine owns the console:
+        ``close()`` closes it and its backend.  The other arguments are
+        :meth:`add_virtio`'s.
+        """
+        from pykvm.virtio import VirtioConsole
+
+        console = VirtioConsole(backend, **console_options)
+        try:
+            transport = self.add_virtio(console, base=base, irq=irq, notify=notify, interrupt=interrupt,
+                                        name=name)
+        except BaseException:
+            console.close()
+            raise
+        return console, transport
+
+    def add_virtio(
+        self, device, *, base: int | None = None, irq: int | None = None, notify: str = "python",
+        interrupt: str = "irq_line", name: str | None = None,
+    ):
+        """Put virtio ``device`` behind a virtio-mmio window; return its transport.
+
+        ``base``: guest-physical address of the 0x200-byte window (default:
+        0xd0000000, then the next free 0x200).  ``irq``: its interrupt line
+        (default 5, then 6, ...; not 0, 2 or COM1's 4).
+
+        ``notify`` -- how the driver's doorbell (a write of the queue index
+        to QueueNotify, base + 0x50) reaches the device:
+
+        * ``"python"``: an MMIO exit to user space, handled by the transport
+          on the vCPU thread (the C loop passes it to Python);
+        * ``"c"``: an MMIO exit to user space, handled by the C loop: it
+          signals an eventfd and resumes the guest at once; the machine's
+          I/O thread then processes every queue of the device (the C loop
+          does not pass the value on).  With ``c_loop=False`` this is
+          ``"python"``;
+        * ``"ioeventfd"``: no exit to user space: KVM_IOEVENTFD on the
+          register with datamatch = queue index, one eventfd per queue; the
+          I/O thread processes that queue.
+
+        ``interrupt`` -- how the level-triggered line reaches the in-kernel
+        irqchip: ``"irq_line"`` (KVM_IRQ_LINE on each level change, from
+        whichever thread changed it) or ``"irqfd"`` (KVM_IRQFD with a
+        resamplefd: the device writes the irqfd when its line goes high;
+        after the guest's EOI KVM lowers the line and signals the
+        resamplefd, and the I/O thread writes the irqfd again if the line
+        is still high).  Without ``irqchip=True`` there are no interrupts:
+        ``"irq_line"`` then does nothing (a polling driver still works) and
+        ``"irqfd"`` is refused.
+        """
+        from pykvm.iothread import IoThread
+        from pykvm.virtio import VirtioMmioDevice
+        from pykvm.virtio.mmio import MMIO_SIZE
+        from pykvm.x86.layout import VIRTIO_MMIO_BASE
+
+        if notify not in ("python", "c", "ioeventfd"):
+            raise ValueError(f"notify must be 'python', 'c' or 'ioeventfd', not {notify!r}")
+        if interrupt not in ("irq_line", "irqfd"):
+            raise ValueError(f"interrupt must be 'irq_line' or 'irqfd', not {interrupt!r}")
+        if interrupt == "irqfd" and not self.irqchip:
+            raise ValueError("interrupt='irqfd' needs the in-kernel irqchip: Machine(irqchip=True)")
+        if base is None:
+            base = VIRTIO_MMIO_BASE
+            while any(slot.base == base for slot in self._virtio):
+                base += MMIO_SIZE
+        taken = {0: "the PIT", 2: "the PIC cascade", COM1_IRQ: "COM1"}
+        taken.update({slot.irq: slot.name for slot in self._virtio})
+        if irq is None:
+            irq = next((i for i in range(5, 24) if i not in taken), None)
+            if irq is None:
+                raise ValueError("no free IRQ for another virtio device (GSIs 5-23 are taken)")
+        if irq in taken:
+            raise ValueError(f"irq {irq} is taken by {taken[irq]}")
+        if not 0 <= irq < 24:
+            raise ValueError(f"irq {irq} is not a GSI of the in-kernel IOAPIC (0-23)")
+        name = name or f"virtio{len(self._virtio)}-{device.name}"
+        transport = VirtioMmioDevice(device, self.memory, name=name)
+        self.add_device(transport, mmio=base, length=MMIO_SIZE, name=name)  # checks overlaps first
+        slot = VirtioSlot(name, device, transport, base, irq, notify, interrupt)
+        self._virtio.append(slot)
+
+        if (notify != "python" or interrupt == "irqfd") and self.iothread is None:
+            self.iothread = IoThread(f"pykvm-io-{name}")
+        try:
+            self._wire_virtio(slot)
+        except BaseException:
+            self._unwire_virtio(slot)
+            raise
+        return transport
+
+    def _wire_virtio(self, slot: VirtioSlot) -> None:
+        """Connect a virtio device's doorbell and interrupt line as its slot says (add_virtio)."""
+        from pykvm.runloop import WRITE_EVENTFD
+        from pykvm.virtio.mmio import QUEUE_NOTIFY
+
+        io, transport = self.iothread, slot.transport
+        if slot.interrupt == "irq_line":
+            transport.interrupt = self._irq_callback(slot.irq)
+        else:
+            irqfd, resamplefd = io.eventfd(), io.eventfd()
+            self.vm.irqfd(irqfd, slot.irq, resamplefd=resamplefd)
+            slot.fds.update(irqfd=irqfd, resamplefd=resamplefd)
+
+            def raise_line(level: bool, fd: int = irqfd) -> None:
+                if level:
+                    os.eventfd_write(fd, 1)  # lowering it is KVM's job, at the guest's EOI
+
+            def resample(transport=transport, fd: int = irqfd) -> None:
+                with transport.lock:  # the guest's EOI lowered the line: is it still high?
+                    if transport.irq_level:
+                        os.eventfd_write(fd, 1)
+
+            transport.interrupt = raise_line
+            io.watch(resamplefd, resample)
+        if slot.notify == "ioeventfd":
+            for index in range(len(transport.queues)):
+                fd = io.eventfd()
+                self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, datamatch=index)
+                slot.fds[f"ioeventfd{index}"] = fd
+                io.watch(fd, lambda t=transport, i=index: t.process_queue(i))
+        elif slot.notify == "c":
+            fd = io.eventfd()
+            slot.fds["doorbell"] = fd
+            self._notify_ranges.append(FastRange(MMIO, slot.base + QUEUE_NOTIFY, 4, READ_PASS, WRITE_EVENTFD,
+                                                 0, f"{slot.name}-notify", fd))
+            self._fast_dirty = True
+
+            def all_queues(t=transport) -> None:
+                for index in range(len(t.queues)):
+                    t.process_queue(index)
+
+            io.watch(fd, all_queues)
+
+    def _unwire_virtio(self, slot: VirtioSlot) -> None:
+        """Undo a partly wired add_virtio (the eventfds stay with the I/O thread until close())."""
+        from pykvm.virtio.mmio import QUEUE_NOTIFY
+
+        for what, fd in slot.fds.items():
+            if self.iothread is not None:
+                self.iothread.unwatch(fd)
+            try:
+                if what.startswith("ioeventfd"):
+                    self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, datamatch=int(what[9:]), deassign=True)
+                elif what == "irqfd":
+                    self.vm.irqfd(fd, slot.irq, deassign=True)
+            except KvmError:
+                pass  # it was never assigned
+        self._notify_ranges = [r for r in self._notify_ranges if r.name != f"{slot.name}-notify"]
+        self.mmio.unregister(slot.transport)
+        self._devices = [d for d in self._devices if d[0] is not slot.transport]
+        self._virtio.remove(slot)
+        self._fast_dirty = True
+
+    @property
+    def virtio_devices(self) -> list[VirtioSlot]:
+        """The virtio devices added, with their base, IRQ and notification paths."""
+        return list(self._virtio)
+
+    def virtio_cmdline(self) -> str:
+        """The Linux parameters that declare this machine's virtio-mmio devices.
+
+        ``virtio_mmio.device=0x200@0xd0000000:5`` per device (Linux needs
+        CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); add ``console=hvc0`` for a console.
+        """
+        from pykvm.virtio import linux_cmdline
+
+        return " ".join(linux_cmdline(slot.base, slot.irq) for slot in self._virtio)
+
+    def add_coalesced_zone(self, *, port: int | None = None, mmio: int | None = None, length: int) -> None:
+        """Let KVM buffer guest writes to a range in the coalesced ring instead of exiting.
+
+        KVM_REGISTER_COALESCED_MMIO (``port=``: a port range, needs
+        KVM_CAP_COALESCED_PIO).  Reads still exit.  The machine hands the
+        buffered writes to the buses, oldest first, whenever KVM_RUN returns
+        (before handling that exit), and at the end of a run; when the ring
+        is full the next write exits as usual, so nothing is lost.  Only
+        writes whose sole effect is the data (e.g. a UART's THR while
+        ``tx_fast_path_ok``) may be coalesced.  Register zones before
+        ``run()``.  Use ``c_loop=False`` with a coalesced UART: the C loop
+        would buffer the write that found the ring full and re-enter the
+        guest with the ring still full, so every further write would exit.
+        """
+        if (port is None) == (mmio is None):
+            raise ValueError("give exactly one of port= or mmio=")
+        pio = port is not None
+        base = port if pio else mmio
+        self.vm.register_coalesced_mmio(base, length, pio=pio)
+        self._coalesced_zones.append((base, length, pio))
+
+    def _flush_coalesced(self) -> None:
+        """Hand the writes buffered in the coalesced ring to the devices, oldest first.
+
+        A run of byte writes to COM1's THR while it is a plain transmit goes
+        to the UART in one ``accept_transmitted`` call, as the C loop's
+        transmit buffer does; anything else goes through the buses.
+        """
+        if not self._coalesced_zones:
+            return
+        transmitted = bytearray()
+        for addr, data, is_pio in self.vcpu.drain_coalesced():
+            if is_pio and addr == COM1_PORT and len(data) == 1 and self.serial.tx_fast_path_ok:
+                transmitted += data
+                continue
+            if transmitted:
+                self.serial.accept_transmitted(bytes(transmitted))
+                transmitted.clear()
+            (self.pio if is_pio else self.mmio).write(addr, data)
+        if transmitted:
+            self.serial.accept_transmitted(bytes(transmitted))
+
+    def _close_virtio(self) -> None:
+        """Stop the I/O thread, close virtio consoles, close the eventfds (close())."""
+        io = getattr(self, "iothread", None)
+        if io is not None:
+            io.close()  # joins the thread; closes irqfds, resamplefds and ioeventfds
+        for slot in getattr(self, "_virtio", ()):
+            close = getattr(slot.device, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as exc:  # a backend's problem must not leak the VM's fds
+                    logging.getLogger("pykvm.machine").warning("closing %s failed: %s", slot.name, exc)
+        self._virtio = []
+        self._notify_ranges = []
 
     # -- loading -----------------------------------------------------------------
     def load_guest(self, name: str, args: tuple[int, int] = (0, 0)) -> dict:
@@ -414,6 +676,7 @@ class Machine:
             dog.join()
             self.vcpu.kvm_run.immediate_exit = 0
             self.loop.clear_pending()
+            self._flush_coalesced()
             self._drain_tx()
         return self._result(ended, status, message, last, started, c0, h0, kernel0)
 
@@ -426,12 +689,15 @@ class Machine:
         loop_run = self.loop.run
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        coalesced = self._coalesced_zones  # empty for most machines
         while True:
             if self._fast_dirty:
                 self._sync_fast_ranges()
             if self._input_waiting:
                 self._drain_input()
             ret = loop_run()
+            if coalesced:
+                self._flush_coalesced()  # older than what C buffered and than this exit
             if ret & RET_TX_PENDING:
                 self._drain_tx()  # before Python touches the UART again
             code = ret & RET_CODE_MASK

@@ -26,6 +26,7 @@ WRITE_PASS = lib.PYKVM_WRITE_PASS
 WRITE_DROP = lib.PYKVM_WRITE_DROP
 WRITE_TXBUF = lib.PYKVM_WRITE_TXBUF
 WRITE_DEBUG_EXIT = lib.PYKVM_WRITE_DEBUG_EXIT
+WRITE_EVENTFD = lib.PYKVM_WRITE_EVENTFD
 
 RET_EXIT = lib.PYKVM_RET_EXIT
 RET_DEBUG_EXIT = lib.PYKVM_RET_DEBUG_EXIT
@@ -54,7 +55,11 @@ def tsc_hz() -> float:
 
 @dataclass(frozen=True)
 class FastRange:
-    """One row of the C loop's table: what C does with accesses to a range."""
+    """One row of the C loop's table: what C does with accesses to a range.
+
+    ``write_fd`` is the eventfd a WRITE_EVENTFD range signals (a doorbell:
+    C adds 1 to it and resumes the guest; a host thread does the work).
+    """
 
     space: int
     base: int
@@ -63,6 +68,7 @@ class FastRange:
     write_action: int = WRITE_PASS
     read_value: int = 0
     name: str = ""
+    write_fd: int = -1
 
 
 class RunLoop:
@@ -91,6 +97,7 @@ class RunLoop:
             slot = self._loop.ranges[i]
             slot.space, slot.base, slot.length = r.space, r.base, r.length
             slot.read_action, slot.write_action, slot.read_value = r.read_action, r.write_action, r.read_value
+            slot.write_fd = r.write_fd
             slot.id = i
             slot.hits = hits.get((r.space, r.base), 0)
         self._loop.nranges = len(ranges)

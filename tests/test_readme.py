@@ -36,3 +36,16 @@ def test_machine_example_counts_primes():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("primes below 1000000: 78498\n")
     assert "reset 78498" in out.stdout
+
+
+@pytest.mark.kvm
+def test_virtio_example_echoes_through_the_console():
+    code = examples()[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "virtio_mmio.device=0x200@0xd0000000:5",
+        "virtio64u: virtio-console ready at 0xd0000000, polling",
+        "virtio64u: echo ok, 29 bytes",
+        "reset 29",
+    ]

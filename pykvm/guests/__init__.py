@@ -70,6 +70,13 @@ _BENCH_ARGS = (
 )
 
 
+_VIRTIO_ARGS = (
+    "arg0 (RDI) = mode: 0 round trip, 1 reset the device mid-transfer then round trip; "
+    "result RAX = bytes echoed, or 0xffffffff000000NN on failure (NN: guests/virtio.h, "
+    "guests/virtio_test.c); RCX = bytes received in all"
+)
+
+
 class GuestNotFound(LookupError):
     """The name is not one of the shipped guests."""
 
@@ -173,6 +180,40 @@ GUESTS: dict[str, GuestInfo] = {
             "echoes input until 0x04 (EOT); needs Machine(irqchip=True)",
             0,
             "none; result EAX = bytes echoed, EDI = interrupts taken",
+            "reset",
+        ),
+        GuestInfo(
+            "virtio64u",
+            "long_user",
+            LOAD_ADDR,
+            "virtio-console driver in freestanding C, polling at CPL 3: finds the device at 0xd0000000, "
+            "negotiates VERSION_1, sets up receiveq and transmitq, sends a message and waits for the "
+            "host's echo; needs a virtio-console whose backend echoes",
+            3,
+            _VIRTIO_ARGS,
+            "reset",
+        ),
+        GuestInfo(
+            "virtio64",
+            "long",
+            LOAD_ADDR,
+            "the virtio64u driver at CPL 0, interrupt-driven: own IDT, 8259 PIC, the device's IRQ; "
+            "handlers end without IRET (kvm_pvm cannot emulate it); needs Machine(irqchip=True)",
+            0,
+            _VIRTIO_ARGS + "; arg1 (RSI) = the device's IRQ (0 means 5); "
+            "RBX = interrupts taken, RDI = InterruptStatus bits seen",
+            "reset",
+        ),
+        GuestInfo(
+            "iobench64u",
+            "long_user",
+            LOAD_ADDR,
+            "moves N bytes guest->host or host->guest through the 16550 (an exit per byte) or "
+            "virtio-console (64 KiB buffers, polled), natively at CPL 3 (benchmarks/io_models.py)",
+            3,
+            "arg0 (RDI) = kind: 1 UART transmit, 2 UART receive, 3 virtio transmit, 4 virtio receive; "
+            "arg1 (RSI) = N bytes (0 means 65536); result RAX = Adler-32 of the bytes moved, "
+            "RBX = N, RCX = TSC ticks of the transfer, RDI = virtio doorbells rung",
             "reset",
         ),
         GuestInfo("spin16", "real", REAL_LOAD_ADDR, "jmp . forever (timeout tests)", 0, "none", "never"),
