@@ -51,9 +51,10 @@ How a machine wires a virtio-mmio console
 
   1. in Python: the MMIO write reaches :meth:`VirtioMmioDevice.write`, which
      calls :meth:`VirtioMmioDevice.process_queue`;
-  2. in the C run loop: the loop records the write (offset 0x50, 4 bytes, the
-     value is the queue index) and the machine later calls
-     ``transport.process_queue(index)``;
+  2. in the C run loop: its WRITE_EVENTFD action signals an eventfd and
+     resumes the guest at once, without passing on the queue index; the
+     machine's I/O thread then calls ``transport.process_queue(i)`` for
+     every queue of the device (an empty queue costs one ring read);
   3. with ``KVM_IOEVENTFD`` on ``base + 0x50`` (4 bytes, datamatch = queue
      index): no exit at all; a host thread waits on the eventfd and calls
      ``transport.process_queue(index)``.
