@@ -301,3 +301,32 @@ def test_thousand_vms_leave_fd_count_unchanged(kvm):
         vm.close()
     gc.collect()
     assert open_fd_count() == before
+
+
+def test_identity_map_and_tss_addresses_must_come_before_vcpus(kvm):
+    from pykvm.errors import KvmError
+
+    with kvm.create_vm() as vm:
+        vm.set_tss_addr(0xFFFBD000)  # three pages below 4 GiB, as QEMU picks
+        vm.set_identity_map_addr(0xFFFBC000)
+        with vm.create_vcpu(0):
+            # api.rst 4.63: KVM_SET_IDENTITY_MAP_ADDR must be called before any vCPU exists.
+            with pytest.raises(KvmError) as info:
+                vm.set_identity_map_addr(0xFFFBC000)
+            assert info.value.ioctl == "KVM_SET_IDENTITY_MAP_ADDR" and info.value.errno == errno.EINVAL
+
+
+def test_irqchip_twice_is_refused_and_pit_needs_it(kvm):
+    from pykvm.errors import KvmError
+
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmError) as info:
+            vm.create_pit2()  # the PIT feeds the in-kernel PIC: no irqchip, no PIT
+        assert info.value.ioctl == "KVM_CREATE_PIT2"
+        vm.create_irqchip()
+        vm.create_pit2()
+        vm.irq_line(4, 1)
+        vm.irq_line(4, 0)
+        with pytest.raises(KvmError) as info:
+            vm.create_irqchip()
+        assert info.value.errno == errno.EEXIST
