@@ -33,6 +33,7 @@ test: all
 
 bench: all
 	$(PYTHON) -m pykvm bench $(BENCH_ARGS)
+	$(PYTHON) benchmarks/io_models.py $(BENCH_ARGS)
 
 clean:
 	$(MAKE) -C guests clean

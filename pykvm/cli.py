@@ -452,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["bench"]:  # its options belong to pykvm.bench's own parser
+            return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
         args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as exc:
