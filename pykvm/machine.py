@@ -39,6 +39,7 @@ from pykvm.runloop import (
 )
 from pykvm.split import ExitSplit, compute_split
 from pykvm.system import Kvm
+from pykvm.watchdog import shared_watchdog
 from pykvm.x86 import layout
 
 COM1_PORT = 0x3F8
@@ -190,7 +191,7 @@ class Machine:
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
             self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
             self.loop = RunLoop(self.vcpu)
             self.vcpu_stats = None
             if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
@@ -630,32 +631,16 @@ class Machine:
     def run(self, timeout: float | None = None, *, flush_interval: float = 0.05) -> RunResult:
         """Run the guest until it stops, fails, times out or Ctrl-C; return a ``RunResult``.
 
-        A watchdog thread kicks the vCPU out of KVM_RUN when ``timeout``
-        seconds have passed, and every ``flush_interval`` seconds while the C
-        loop holds serial output, so a serial sink sees it promptly.
+        The process's watchdog thread (``pykvm.watchdog``) kicks the vCPU out
+        of KVM_RUN when ``timeout`` seconds have passed and, when a serial
+        sink is attached, every ``flush_interval`` seconds while the C loop
+        holds output, so the sink sees it promptly.
         Never raises for anything the guest does; host errors (KvmError) propagate.
         """
         _install_kick_handler()
         started = time.perf_counter()
-        timed_out = threading.Event()
-        done = threading.Event()
-        lock = threading.Lock()
         me = threading.get_ident()
         deadline = None if timeout is None else started + timeout
-        loop_state = self.loop._loop
-
-        def watchdog() -> None:
-            while not done.wait(flush_interval):
-                with lock:
-                    if done.is_set():
-                        return
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        timed_out.set()
-                        self.kick(me)
-                        return
-                    if self._serial_sink is not None and loop_state.txlen:
-                        self.kick(me)
-
         ended, status, message, last = "unknown", None, "", None
         c0 = self.loop.counters()
         h0 = self.loop.histograms()
@@ -663,17 +648,17 @@ class Machine:
         self._vcpu_thread = me
         if self._stop_request is not None:
             self.vcpu.kvm_run.immediate_exit = 1  # asked before this run started
-        dog = threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True)
-        dog.start()
+        loop_state = self.loop._loop
+        pending = (lambda: bool(loop_state.txlen)) if self._serial_sink is not None else None
+        watchdog = shared_watchdog()
+        watch = watchdog.arm(self.kick, me, deadline, pending, flush_interval)
         try:
-            ended, status, message, last = self._run_until_stop(timed_out)
+            ended, status, message, last = self._run_until_stop(watch.timed_out)
         except KeyboardInterrupt:
             ended, message = "interrupted", "stopped by Ctrl-C"
         finally:
-            with lock:
-                done.set()
-                self._vcpu_thread = None
-            dog.join()
+            watchdog.disarm(watch)
+            self._vcpu_thread = None
             self.vcpu.kvm_run.immediate_exit = 0
             self.loop.clear_pending()
             self._flush_coalesced()
@@ -838,6 +823,16 @@ class Machine:
 _REG_NAMES = (
     "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
 )
+
+
+_cpuid_cache: dict[str, object] = {}
+
+
+def _supported_cpuid(kvm: Kvm):
+    """KVM_GET_SUPPORTED_CPUID, asked once per process and device: the answer never changes."""
+    if kvm.path not in _cpuid_cache:
+        _cpuid_cache[kvm.path] = kvm.supported_cpuid()
+    return _cpuid_cache[kvm.path]
 
 
 def _round_up(size: int, page: int = 4096) -> int:

@@ -8,6 +8,7 @@ fd, so they are parsed once; ``read()`` re-reads only the data block.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -60,20 +61,26 @@ class StatsFd(FdOwner):
         self.id = os.pread(fd, hdr.name_size, hdr.id_offset).split(b"\0", 1)[0].decode()
         desc_size = ffi.sizeof("struct kvm_stats_desc") + hdr.name_size
         raw = os.pread(fd, desc_size * hdr.num_desc, hdr.desc_offset)
-        self.descriptors: list[StatDescriptor] = []
-        for i in range(hdr.num_desc):
-            self.descriptors.append(_parse_descriptor(raw[i * desc_size:(i + 1) * desc_size]))
+        self.descriptors: list[StatDescriptor] = list(_parse_descriptors(raw, desc_size))
         self._data_offset = hdr.data_offset
+        # (name, first u64, count, list?) for read(): computed once.
+        self._layout = [(d.name, d.offset // 8, d.size, d.is_histogram or d.size > 1) for d in self.descriptors]
         self._data_size = 8 * max((d.offset // 8 + d.size for d in self.descriptors), default=0)
 
     def read(self) -> dict[str, int | list[int]]:
         """Current values: an int per counter, a list of buckets per histogram."""
         data = os.pread(self._fd, self._data_size, self._data_offset)
+        items = struct.unpack(f"<{len(data) // 8}Q", data)
         values: dict[str, int | list[int]] = {}
-        for d in self.descriptors:
-            items = struct.unpack_from(f"<{d.size}Q", data, d.offset)
-            values[d.name] = list(items) if d.is_histogram or d.size > 1 else items[0]
+        for name, first, size, as_list in self._layout:
+            values[name] = list(items[first:first + size]) if as_list else items[first]
         return values
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_descriptors(raw: bytes, desc_size: int) -> tuple[StatDescriptor, ...]:
+    """Every descriptor of a block; cached, since every vCPU of a kernel has the same block."""
+    return tuple(_parse_descriptor(raw[i:i + desc_size]) for i in range(0, len(raw), desc_size))
 
 
 def _parse_descriptor(raw: bytes) -> StatDescriptor:

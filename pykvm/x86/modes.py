@@ -39,12 +39,13 @@ kvm_sregs`` and ``struct kvm_regs``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import bits, layout
-from .paging import GiB4, MiB2, MiB4, PageTables4Level, PageTables32
+from .paging import GiB4, MiB2, MiB4, PageTableBuilder, PageTables4Level, PageTables32
 from .segments import USER_IO_PORTS, FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
 from .state import decode_cr0, decode_cr4, decode_efer, decode_rflags, format_table
 
@@ -190,6 +191,31 @@ def _check_registers_kept(mode: str, sregs: Any, cr0: int, cr4: int, efer: int) 
         raise ModeNotSupported(f"KVM did not keep the {mode} mode's registers: {'; '.join(lost)}.{hint}")
 
 
+@functools.lru_cache(maxsize=None)
+def identity_tables(mode: str) -> tuple[int, tuple[int, int], tuple[tuple[int, bytes], ...]]:
+    """The page tables of a paged mode's 4 GiB identity map: (CR3, region used, pages).
+
+    Built once per process with the page-table builder (32-bit paging with
+    4 MiB pages for ``paged32``; 4-level with 2 MiB pages, U/S=1 for
+    ``long_user``) and then copied: every VM gets the same bytes at the
+    same addresses, and building them costs milliseconds in Python.
+    """
+    written: dict[int, bytes] = {}
+
+    def record(gpa: int, data: bytes) -> None:
+        written[gpa] = bytes(data)
+
+    if mode == "paged32":
+        builder: PageTableBuilder = PageTables32(record, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
+        builder.map(0, 0, GiB4, page_size=MiB4)
+    elif mode in ("long", "long_user"):
+        builder = PageTables4Level(record, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
+        builder.map(0, 0, GiB4, page_size=MiB2, user=mode == "long_user")
+    else:
+        raise ValueError(f"mode {mode!r} has no page tables")
+    return builder.cr3, builder.region_used, tuple(sorted(written.items()))
+
+
 def _real_mode_address(linear: int, what: str) -> tuple[int, int]:
     """Split a linear address below 1 MiB into (segment selector, offset)."""
     if not 0 <= linear < 1 << 20:
@@ -263,14 +289,10 @@ def setup_mode(
             memory.write(tss_base, tss64(rsp0=layout.KERNEL_STACK_TOP, io_ports=io_ports))
         else:
             memory.write(tss_base, tss32(esp0=layout.KERNEL_STACK_TOP, ss0=flat.ds.selector))
-        if mode == "paged32":
-            builder32 = PageTables32(memory.write, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
-            builder32.map(0, 0, GiB4, page_size=MiB4)
-            cr3, page_tables = builder32.cr3, builder32.region_used
-        elif mode in ("long", "long_user"):
-            builder64 = PageTables4Level(memory.write, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
-            builder64.map(0, 0, GiB4, page_size=MiB2, user=mode == "long_user")
-            cr3, page_tables = builder64.cr3, builder64.region_used
+        if mode in ("paged32", "long", "long_user"):
+            cr3, page_tables, pages = identity_tables(mode)
+            for gpa, data in pages:
+                memory.write(gpa, data)
         rip, rsp = entry, stack
         rflags = bits.RFLAGS_FIXED
         if mode == "long_user":

@@ -1,0 +1,100 @@
+"""The watchdog: one thread per process that kicks vCPUs out of KVM_RUN.
+
+A vCPU thread blocked in KVM_RUN only comes back for an exit.  To stop a
+spinning guest at a deadline, or to hand buffered serial output to its sink
+while the guest computes, another thread must *kick* it: set
+``kvm_run.immediate_exit`` and send it a signal (api.rst, "immediate_exit").
+
+One thread serves every running machine of the process: a run ``arm()``s a
+``Watch`` and ``disarm()``s it when it ends, so a run costs no thread
+creation.  ``disarm()`` returns only when no kick for that watch can still
+come.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(eq=False)
+class Watch:
+    """One armed run: whom to kick, when, and whether to flush output."""
+
+    kick: Callable[[int], None]
+    thread_id: int
+    deadline: float | None
+    output_pending: Callable[[], bool] | None
+    interval: float
+    timed_out: threading.Event = field(default_factory=threading.Event)
+    next_flush: float = 0.0
+
+
+class Watchdog:
+    """Kicks each armed run's thread at its deadline and, if asked, while output waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, kick: Callable[[int], None], thread_id: int, deadline: float | None,
+            output_pending: Callable[[], bool] | None = None, interval: float = 0.05) -> Watch:
+        """Watch a run of ``thread_id``; ``watch.timed_out`` is set if the deadline kicked it."""
+        watch = Watch(kick, thread_id, deadline, output_pending, interval)
+        if deadline is None and output_pending is None:
+            return watch  # nothing to do: not even the thread is needed
+        watch.next_flush = time.perf_counter() + interval
+        with self._cond:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="pykvm-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return watch
+
+    def disarm(self, watch: Watch) -> None:
+        """Stop watching; after this returns no kick for ``watch`` will come."""
+        with self._cond:
+            self._watches.discard(watch)
+
+    def _serve(self) -> None:
+        with self._cond:
+            while True:
+                if not self._watches:
+                    self._cond.wait()
+                    continue
+                wake = min(
+                    min(w.deadline for w in self._watches if w.deadline is not None)
+                    if any(w.deadline is not None for w in self._watches) else float("inf"),
+                    min(w.next_flush for w in self._watches if w.output_pending is not None)
+                    if any(w.output_pending is not None for w in self._watches) else float("inf"),
+                )
+                wait = wake - time.perf_counter()
+                if wait > 0:
+                    self._cond.wait(wait)
+                now = time.perf_counter()
+                for w in list(self._watches):
+                    if w.deadline is not None and now >= w.deadline:
+                        w.timed_out.set()
+                        self._watches.discard(w)
+                        w.kick(w.thread_id)
+                    elif w.output_pending is not None and now >= w.next_flush:
+                        w.next_flush = now + w.interval
+                        if w.output_pending():
+                            w.kick(w.thread_id)
+
+
+_shared: Watchdog | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_watchdog() -> Watchdog:
+    """The process's watchdog (its thread starts on the first armed run)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Watchdog()
+        return _shared
