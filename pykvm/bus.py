@@ -72,20 +72,27 @@ def describe_access(
 
 
 class BusRange(NamedTuple):
-    """One registered range: ``length`` addresses from ``base``."""
+    """One registered range: ``length`` addresses from ``base`` (``end`` is the first past it)."""
 
     base: int
     length: int
     name: str
     device: Device
+    end: int
 
-    @property
-    def end(self) -> int:
-        """The first address past the range."""
-        return self.base + self.length
+    @classmethod
+    def make(cls, base: int, length: int, name: str, device: Device) -> "BusRange":
+        return cls(base, length, name, device, base + length)
 
     def __str__(self) -> str:
         return f"{self.base:#x}-{self.end - 1:#x} ({self.name})"
+
+
+# Addresses resolved to their range (or to no range) are remembered, so a
+# guest hammering one port costs a dict lookup, not a bisection.  Bounded: a
+# guest probing the whole MMIO space must not grow it without limit.
+_CACHE_LIMIT = 4096
+_MISS = object()
 
 
 class Bus:
@@ -107,6 +114,7 @@ class Bus:
         self._bases: list[int] = []  # sorted; parallel to _ranges
         self._ranges: list[BusRange] = []
         self._warned: set[int] = set()
+        self._cache: dict[int, BusRange | None] = {}
 
     # -- registration ---------------------------------------------------------
 
@@ -121,7 +129,7 @@ class Bus:
         """
         if name is None:
             name = getattr(device, "name", None) or type(device).__name__
-        new = BusRange(base, length, name, device)
+        new = BusRange.make(base, length, name, device)
         space = self.kind.upper()
         if length <= 0:
             raise BusError(f"{space} range {name} at {base:#x} has zero length")
@@ -143,6 +151,7 @@ class Bus:
                 raise BusError(f"{space} range {new} overlaps {other}")
         self._bases.insert(i, base)
         self._ranges.insert(i, new)
+        self._cache.clear()
         self.stats.setdefault(name, 0)
 
     def unregister(self, device_or_base: Device | int) -> None:
@@ -160,6 +169,7 @@ class Bus:
             raise BusError(f"no {self.kind.upper()} range registered {what}")
         self._ranges = keep
         self._bases = [m.base for m in keep]
+        self._cache.clear()
 
     def find(self, address: int) -> tuple[int, Device] | None:
         """Return ``(base, device)`` of the range holding ``address``, if any."""
@@ -178,16 +188,22 @@ class Bus:
         return f"<Bus {self.kind}: {ranges}>"
 
     def _range_at(self, address: int) -> BusRange | None:
-        i = bisect.bisect_right(self._bases, address) - 1
-        if i >= 0 and address < self._ranges[i].end:
-            return self._ranges[i]
-        return None
+        entry = self._cache.get(address, _MISS)
+        if entry is _MISS:
+            i = bisect.bisect_right(self._bases, address) - 1
+            entry = self._ranges[i] if i >= 0 and address < self._ranges[i].end else None
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[address] = entry
+        return entry  # type: ignore[return-value]
 
     # -- accesses -------------------------------------------------------------
 
     def read(self, address: int, size: int, rip: int | None = None) -> bytes:
         """Read ``size`` bytes at ``address``; ``rip`` is for error messages."""
-        entry = self._range_at(address)
+        entry = self._cache.get(address, _MISS)  # the hot path: one dict lookup
+        if entry is _MISS:
+            entry = self._range_at(address)
         if entry is None or address + size > entry.end:
             self._unmapped_access(address, size, False, rip)
             return b"\xff" * size
@@ -201,7 +217,9 @@ class Bus:
 
     def write(self, address: int, data: bytes, rip: int | None = None) -> None:
         """Write ``data`` at ``address``; ``rip`` is for error messages."""
-        entry = self._range_at(address)
+        entry = self._cache.get(address, _MISS)
+        if entry is _MISS:
+            entry = self._range_at(address)
         if entry is None or address + len(data) > entry.end:
             self._unmapped_access(address, len(data), True, rip)
             return

@@ -17,6 +17,7 @@ debug-exit port, ...) and returns the rest to Python's buses.
 from __future__ import annotations
 
 import logging
+import functools
 import os
 import queue
 import signal
@@ -205,7 +206,7 @@ class Machine:
         self._serial_sink = serial
         self._serial_out = bytearray()
         self._serial_dropped = 0
-        self._fast_dirty = True
+        self._mark_fast_dirty()
         self._devices: list[tuple[object, str, int, int]] = []
         self._virtio: list[VirtioSlot] = []  # add_virtio(): transports and their wiring
         self._notify_ranges: list[FastRange] = []  # C-loop doorbells (notify="c")
@@ -266,7 +267,7 @@ class Machine:
         bus, base, kind = (self.pio, port, "pio") if port is not None else (self.mmio, mmio, "mmio")
         bus.register(base, length, device, name)
         self._devices.append((device, kind, base, length))
-        self._fast_dirty = True
+        self._mark_fast_dirty()
 
     def _irq_callback(self, irq: int) -> Callable[[bool], None]:
         def raise_line(level: bool) -> None:
@@ -283,6 +284,7 @@ class Machine:
 
     def _mark_fast_dirty(self) -> None:
         self._fast_dirty = True
+        self._attention = True  # the run loop checks this one flag per exit
 
     def fast_ranges(self) -> list[FastRange]:
         """The C loop's table for the devices' current state."""
@@ -440,7 +442,7 @@ class Machine:
             slot.fds["doorbell"] = fd
             self._notify_ranges.append(FastRange(MMIO, slot.base + QUEUE_NOTIFY, 4, READ_PASS, WRITE_EVENTFD,
                                                  0, f"{slot.name}-notify", fd))
-            self._fast_dirty = True
+            self._mark_fast_dirty()
 
             def all_queues(t=transport) -> None:
                 for index in range(len(t.queues)):
@@ -466,7 +468,7 @@ class Machine:
         self.mmio.unregister(slot.transport)
         self._devices = [d for d in self._devices if d[0] is not slot.transport]
         self._virtio.remove(slot)
-        self._fast_dirty = True
+        self._mark_fast_dirty()
 
     @property
     def virtio_devices(self) -> list[VirtioSlot]:
@@ -608,6 +610,7 @@ class Machine:
         """Queue host input for COM1; safe from any thread (the vCPU is kicked to take it)."""
         self._input.put(bytes(data))
         self._input_waiting = True
+        self._attention = True
         thread = self._vcpu_thread
         if thread is not None:
             self.kick(thread)
@@ -671,24 +674,29 @@ class Machine:
         to the buses; every other exit is decoded into a value."""
         run = self.vcpu.kvm_run
         state = self.loop.state
-        loop_run = self.loop.run
+        loop_run = functools.partial(lib.pykvm_loop_run, state)  # GIL released inside
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         coalesced = self._coalesced_zones  # empty for most machines
+        tx_pending, code_mask, pio_out = RET_TX_PENDING, RET_CODE_MASK, RET_PIO_OUT
         while True:
-            if self._fast_dirty:
-                self._sync_fast_ranges()
-            if self._input_waiting:
-                self._drain_input()
+            if self._attention:  # the fast-path table or host input changed
+                self._attention = False
+                if self._fast_dirty:
+                    self._sync_fast_ranges()
+                if self._input_waiting:
+                    self._drain_input()
             ret = loop_run()
             if coalesced:
                 self._flush_coalesced()  # older than what C buffered and than this exit
-            if ret & RET_TX_PENDING:
+            if ret & tx_pending:
                 self._drain_tx()  # before Python touches the UART again
-            code = ret & RET_CODE_MASK
+            code = ret & code_mask
             try:
-                if code == RET_PIO_OUT:
-                    pio_write(ret >> 16, state.io_value.to_bytes((ret >> 8) & 0xF, "little"))
+                if code == pio_out:
+                    size = (ret >> 8) & 0xF
+                    value = state.io_value
+                    pio_write(ret >> 16, _BYTE[value] if size == 1 else value.to_bytes(size, "little"))
                     continue
                 if code == RET_PIO_IN:
                     state.io_value = int.from_bytes(pio_read(ret >> 16, (ret >> 8) & 0xF), "little")
@@ -819,6 +827,8 @@ class Machine:
         """Forget a ``request_stop()`` that came after the run had already ended for another reason."""
         self._stop_request = None
 
+
+_BYTE = [bytes((i,)) for i in range(256)]  # one-byte OUT data without a to_bytes call
 
 _REG_NAMES = (
     "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
