@@ -110,6 +110,9 @@ def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
                 lines.append("  note: the <linux/kvm.h> pykvm was built with lacks " + ", ".join(missing)
                              + " (features that need them are disabled)")
     lines[:0] = [c.render() for c in checks]
+    if usable:
+        lines.append("")
+        lines.extend(probe_modes(device))
     lines.append("")
     if nested or in_vm:
         lines.append("This host is itself a virtual machine"
@@ -120,3 +123,36 @@ def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
         lines.append("  Benchmarks report ratios measured in the same run for this reason.")
     lines.append("KVM acceleration can be used" if usable else "KVM acceleration can NOT be used")
     return usable, lines
+
+
+def probe_modes(device: str = "/dev/kvm") -> list[str]:
+    """Measure, on scratch VMs, which CPU modes and which guest-debugging features work here."""
+    from pykvm.errors import PykvmError
+    from pykvm.memory import GuestMemory
+    from pykvm.system import Kvm
+    from pykvm.trace import debug_support
+    from pykvm.x86.layout import MODES, load_address
+    from pykvm.x86.modes import ModeNotSupported, setup_mode
+
+    lines = ["CPU modes and guest debugging (measured on scratch VMs):"]
+    with Kvm(device) as kvm:
+        cpuid = kvm.supported_cpuid()
+        for mode in MODES:
+            with kvm.create_vm() as vm, GuestMemory(vm) as memory:
+                memory.add_region(0, 2 << 20)
+                with vm.create_vcpu(0) as vcpu:
+                    vcpu.set_cpuid2(cpuid)
+                    try:
+                        setup_mode(mode, vcpu, memory, entry=load_address(mode))
+                    except ModeNotSupported as exc:
+                        lines.append(f"  {mode:<10} cannot run: {exc}")
+                        continue
+            try:
+                d = debug_support(mode, kvm)
+            except (PykvmError, OSError) as exc:
+                lines.append(f"  {mode:<10} runs; guest debugging not measured ({exc})")
+                continue
+            yes = [name for name, ok in (("single-step", d.singlestep), ("hw breakpoints", d.hw_breakpoints),
+                                         ("sw breakpoints", d.sw_breakpoints)) if ok]
+            lines.append(f"  {mode:<10} runs; debugging: {', '.join(yes) if yes else 'none works'}")
+    return lines

@@ -133,6 +133,9 @@ def test_check_reports_capabilities_and_nested_host():
 
     if nested_kvm_module():
         assert "nested KVM" in text
+    assert "  long       runs; debugging: single-step, hw breakpoints" in text
+    if nested_kvm_module() == "kvm_pvm":
+        assert "paged32    cannot run" in text and "long_user  runs; debugging: none works" in text
 
 
 def test_guests_lists_every_guest():
