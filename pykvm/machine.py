@@ -298,7 +298,15 @@ class Machine:
             elif isinstance(device, Uart16550) and device.tx_fast_path_ok:
                 ranges.append(FastRange(space, base, 1, READ_PASS, WRITE_TXBUF, 0, "uart-thr"))
         ranges.extend(self._notify_ranges)
-        return ranges
+        # An exit inside a coalesced zone means KVM's ring is full: Python must
+        # see it, drain the ring (older writes) first, then handle this one.
+        return [r for r in ranges if not self._in_coalesced_zone(r)]
+
+    def _in_coalesced_zone(self, r: FastRange) -> bool:
+        return any(
+            (r.space == PIO) == pio and r.base < base + length and base < r.base + r.length
+            for base, length, pio in self._coalesced_zones
+        )
 
     def _sync_fast_ranges(self) -> None:
         self.loop.set_ranges(self.fast_ranges() if self.c_loop else [])
@@ -495,9 +503,8 @@ class Machine:
         is full the next write exits as usual, so nothing is lost.  Only
         writes whose sole effect is the data (e.g. a UART's THR while
         ``tx_fast_path_ok``) may be coalesced.  Register zones before
-        ``run()``.  Use ``c_loop=False`` with a coalesced UART: the C loop
-        would buffer the write that found the ring full and re-enter the
-        guest with the ring still full, so every further write would exit.
+        ``run()``.  The C loop leaves a zone's exits to Python: such an exit
+        means the ring is full, and only Python drains it.
         """
         if (port is None) == (mmio is None):
             raise ValueError("give exactly one of port= or mmio=")
@@ -505,6 +512,7 @@ class Machine:
         base = port if pio else mmio
         self.vm.register_coalesced_mmio(base, length, pio=pio)
         self._coalesced_zones.append((base, length, pio))
+        self._mark_fast_dirty()
 
     def _flush_coalesced(self) -> None:
         """Hand the writes buffered in the coalesced ring to the devices, oldest first.

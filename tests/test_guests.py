@@ -150,3 +150,18 @@ def test_timeout_stops_a_spinning_guest(name):
     assert result.ended == "timeout"
     assert 0.3 <= elapsed < 0.3 + 0.1 + 0.2  # stops within 100 ms (+ VM setup)
     assert result.regs["rip"] == guests.info(name).load_addr  # still at its `jmp .`
+
+
+@pytest.mark.parametrize("c_loop", PATHS)
+def test_coalesced_uart_transmit_loses_nothing(c_loop):
+    from pykvm.machine import Machine
+
+    n = 32768
+    with Machine(memory="16M", c_loop=c_loop) as m:
+        m.add_coalesced_zone(port=0x3F8, length=1)  # THR writes go to KVM's ring
+        m.load_guest("iobench64u", args=(1, n))
+        result = m.run(timeout=60)
+    assert result.ended == "reset", result.message
+    assert len(result.serial) == n and zlib.adler32(result.serial) == result.regs["rax"]
+    # Only ring-full writes (and the final reset) come back to user space.
+    assert result.exits["io"]["total"] < n // 50
