@@ -12,6 +12,24 @@
 
 uint64_t pykvm_rdtsc(void) { return __rdtsc(); }
 
+int pykvm_drain_coalesced(void *ring_page, struct kvm_coalesced_mmio *out, int max)
+{
+    struct kvm_coalesced_mmio_ring *ring = ring_page;
+    const uint32_t capacity = (4096 - sizeof(*ring)) / sizeof(struct kvm_coalesced_mmio);
+    uint32_t first = ring->first;
+    /* KVM fills an entry, then publishes it by moving 'last' (smp_wmb). */
+    uint32_t last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+    int n = 0;
+
+    while (first != last && n < max) {
+        out[n++] = ring->coalesced_mmio[first];
+        first = (first + 1) % capacity;
+    }
+    /* Free the slots only after copying them out. */
+    __atomic_store_n(&ring->first, first, __ATOMIC_RELEASE);
+    return n;
+}
+
 long pykvm_ioctl(int fd, unsigned long request, unsigned long arg)
 {
     long rc = ioctl(fd, request, arg);

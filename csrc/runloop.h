@@ -126,4 +126,10 @@ int pykvm_install_kick_handler(int signo);
 
 uint64_t pykvm_rdtsc(void);
 
+/* Empty the coalesced MMIO/PIO ring (the page at KVM_COALESCED_MMIO_PAGE_OFFSET
+ * of the vCPU mapping): copy up to max entries, oldest first, into out as
+ * struct kvm_coalesced_mmio (24 bytes each) and hand their slots back to KVM.
+ * Returns the number copied. */
+int pykvm_drain_coalesced(void *ring_page, struct kvm_coalesced_mmio *out, int max);
+
 #endif

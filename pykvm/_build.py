@@ -122,6 +122,7 @@ int pykvm_munmap(void *addr, uint64_t size);
 int pykvm_madvise(void *addr, uint64_t size, int advice);
 int pykvm_install_kick_handler(int signo);
 uint64_t pykvm_rdtsc(void);
+int pykvm_drain_coalesced(void *ring_page, struct kvm_coalesced_mmio *out, int max);
 """
 
 

@@ -10,6 +10,7 @@ the mmap of ``struct kvm_run``.
 from __future__ import annotations
 
 import os
+import struct
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from pykvm import exits
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
     from pykvm.stats import StatsFd
 
 PAGE_SIZE = 4096
+
+# struct kvm_coalesced_mmio: u64 phys_addr, u32 len, u32 pio, u8 data[8]
+_RING_FORMAT = struct.Struct("<QII8s")
+_RING_ENTRY = ffi.sizeof("struct kvm_coalesced_mmio")
+_RING_CAPACITY = (PAGE_SIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // _RING_ENTRY
+assert _RING_FORMAT.size == _RING_ENTRY
 
 
 class Vcpu(FdOwner):
@@ -37,6 +44,7 @@ class Vcpu(FdOwner):
             self._fd = -1
             raise KvmError("mmap(vcpu fd)", err[0])
         self._mapping = mapping
+        self._ring_out = None  # drain_coalesced()'s buffer, made on first use
         self.kvm_run = ffi.cast("struct kvm_run *", mapping)
         """The shared ``struct kvm_run`` page: exit reason and data of the last KVM_RUN."""
 
@@ -93,21 +101,18 @@ class Vcpu(FdOwner):
     def drain_coalesced(self) -> list[tuple[int, bytes, bool]]:
         """Empty the coalesced MMIO/PIO ring (the page at KVM_COALESCED_MMIO_PAGE_OFFSET).
 
-        Returns ``(address, data, is_pio)`` for each buffered write, oldest first.
+        Returns ``(address, data, is_pio)`` for each buffered write, oldest
+        first.  C copies the entries out and frees their slots in one call
+        (csrc/runloop.c, pykvm_drain_coalesced); Python unpacks them in bulk.
         """
-        ring = ffi.cast(
-            "struct kvm_coalesced_mmio_ring *",
-            ffi.cast("char *", self._mapping) + lib.KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE,
-        )
-        capacity = (PAGE_SIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
-            "struct kvm_coalesced_mmio"
-        )
-        entries = []
-        while ring.first != ring.last:
-            e = ring.coalesced_mmio[ring.first]
-            entries.append((e.phys_addr, bytes(ffi.buffer(e.data, e.len)), bool(e.pio)))
-            ring.first = (ring.first + 1) % capacity
-        return entries
+        if self._ring_out is None:
+            self._ring_out = ffi.new("struct kvm_coalesced_mmio[]", _RING_CAPACITY)
+        ring = ffi.cast("char *", self._mapping) + lib.KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE
+        n = lib.pykvm_drain_coalesced(ring, self._ring_out, _RING_CAPACITY)
+        if not n:
+            return []
+        raw = ffi.buffer(self._ring_out, n * _RING_ENTRY)
+        return [(addr, data[:length], bool(pio)) for addr, length, pio, data in _RING_FORMAT.iter_unpack(raw)]
 
     # -- general-purpose and special registers ---------------------------------
     def get_regs(self):

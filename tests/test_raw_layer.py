@@ -330,3 +330,22 @@ def test_irqchip_twice_is_refused_and_pit_needs_it(kvm):
         with pytest.raises(KvmError) as info:
             vm.create_irqchip()
         assert info.value.errno == errno.EEXIST
+
+
+def test_coalesced_writes_come_back_in_order(kvm):
+    from pykvm import exits
+
+    # mov si, 0x1100 ; mov cx, 5 ; mov dx, 0x700 ; rep outsb ;
+    # mov eax, 0x11223344 ; mov [0x8000], eax ; hlt
+    code = bytes([0xBE, 0x00, 0x11, 0xB9, 0x05, 0x00, 0xBA, 0x00, 0x07, 0xF3, 0x6E,
+                  0x66, 0xB8, 0x44, 0x33, 0x22, 0x11, 0x66, 0xA3, 0x00, 0x80, 0xF4])
+    vm, mem, vcpu = _real_mode_code_vm(kvm, code)
+    mem.write(0x1100, b"hello")
+    with vm, mem, vcpu:
+        vm.register_coalesced_mmio(0x700, 1, pio=True)
+        vm.register_coalesced_mmio(0x8000, 4)
+        assert vcpu.run() == exits.Hlt()  # every write was buffered: no I/O exit
+        entries = vcpu.drain_coalesced()
+        assert entries == [(0x700, bytes([c]), True) for c in b"hello"] + [(0x8000, b"\x44\x33\x22\x11", False)]
+        assert vcpu.drain_coalesced() == []  # the slots went back to KVM
+        vm.unregister_coalesced_mmio(0x700, 1, pio=True)
