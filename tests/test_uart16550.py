@@ -507,3 +507,25 @@ def test_snapshot_has_no_side_effects(h):
     assert first["rx_fifo"] == b"abc" and first["lsr"] & LSR_DR and first["irq"]
     assert first["iir"] & 0x0F == h.get(IIR) & 0x0F  # the guest's view agrees
     assert [h.get(RBR) for _ in range(3)] == list(b"abc")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.integers(0, 255), st.binary(max_size=3)),
+                max_size=200))
+def test_garbage_from_the_guest_never_breaks_the_model(ops):
+    """Any sequence of register reads/writes (and host input) keeps the chip consistent."""
+    from pykvm.devices.uart16550 import Uart16550
+
+    out, levels = [], []
+    uart = Uart16550(output=out.append, interrupt=levels.append)
+    for is_write, offset, value, host in ops:
+        if host:
+            uart.enqueue_input(host)
+        if is_write:
+            uart.write(offset, bytes([value]))
+        else:
+            assert len(uart.read(offset, 1)) == 1
+        snap = uart.snapshot()
+        assert len(snap["rx_fifo"]) <= 16  # never more than the FIFO holds
+        assert snap["irq"] == (levels[-1] if levels else False)  # edges only, and the last one is the level
+        assert all(isinstance(chunk, bytes) for chunk in out)
+    assert all(a != b for a, b in zip(levels, levels[1:]))  # interrupt() is called only on changes
