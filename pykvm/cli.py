@@ -73,9 +73,26 @@ def _timeout(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_image_args(parser: argparse.ArgumentParser) -> None:
+    """What to boot and how: shared by ``run`` and ``trace``."""
     from pykvm.x86.layout import MODES
 
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
+    what.add_argument("--kernel", metavar="FILE", help="an image: flat binary, ELF or Multiboot")
+    parser.add_argument("-m", "--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    parser.add_argument("--mode", choices=MODES, default=None, help="CPU mode for a flat --kernel (default long)")
+    parser.add_argument("--format", choices=("auto", "flat", "elf", "multiboot"), default="auto",
+                        help="image format for --kernel (default: detect Multiboot, ELF, else flat)")
+    parser.add_argument("-append", "--append", default="", metavar="CMDLINE",
+                        help="command line for a Multiboot kernel")
+    parser.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
+                        help="load address for --kernel (default 0x100000, 0x8000 in real mode)")
+    parser.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
+                        help="guest arguments in EDI/RDI and ESI/RSI")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pykvm", description="Drive /dev/kvm directly: tiny guests, exits you can see.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -83,19 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("guests", help="list the shipped guests")
 
     run = sub.add_parser("run", help="run a guest; serial output on stdout")
-    what = run.add_mutually_exclusive_group(required=True)
-    what.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
-    what.add_argument("--kernel", metavar="FILE", help="a flat binary image")
-    run.add_argument("-m", "--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
-    run.add_argument("--mode", choices=MODES, default=None, help="CPU mode for a flat --kernel (default long)")
-    run.add_argument("--format", choices=("auto", "flat", "elf", "multiboot"), default="auto",
-                     help="image format for --kernel (default: detect Multiboot, ELF, else flat)")
-    run.add_argument("-append", "--append", default="", metavar="CMDLINE",
-                     help="command line for a Multiboot kernel")
-    run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
-                     help="load address for --kernel (default 0x100000, 0x8000 in real mode)")
-    run.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
-                     help="guest arguments in EDI/RDI and ESI/RSI")
+    _add_image_args(run)
     run.add_argument("-serial", "--serial", default="stdio", metavar="DEV",
                      help="stdio | file:PATH | none (default stdio)")
     run.add_argument("--timeout", type=_timeout, default=None, metavar="S", help="stop after S seconds")
@@ -116,16 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a monitor: start with the vCPU stopped until `cont` (QEMU's -S)")
 
     trace = sub.add_parser("trace", help="single-step a guest: each instruction with the registers it changed")
-    twhat = trace.add_mutually_exclusive_group(required=True)
-    twhat.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
-    twhat.add_argument("--kernel", metavar="FILE", help="a flat binary image (or ELF / Multiboot)")
-    trace.add_argument("-m", "--memory", default="64M", help="guest RAM (default 64M)")
-    trace.add_argument("--mode", choices=MODES, default=None, help="CPU mode for a flat --kernel (default long)")
-    trace.add_argument("--format", choices=("auto", "flat", "elf", "multiboot"), default="auto",
-                       help="image format for --kernel (default: detect)")
-    trace.add_argument("--load-addr", type=_int, default=None, metavar="ADDR", help="load address for --kernel")
-    trace.add_argument("--args", type=_args_pair, default=(0, 0), metavar="A0[,A1]",
-                       help="guest arguments in EDI/RDI and ESI/RSI")
+    _add_image_args(trace)
     trace.add_argument("--max", type=_count, default=10000, metavar="N",
                        help="stop after N instructions (with --exits: N exits); default 10000")
     trace.add_argument("--exits", action="store_true",
@@ -184,33 +180,11 @@ def _forward_stdin(machine) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pykvm import guests
-    from pykvm.errors import LoaderError
-    from pykvm.machine import Machine
-    from pykvm.x86.modes import ModeNotSupported
-
-    if args.guest is not None and (args.mode or args.load_addr is not None):
-        raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
-    if args.kernel is not None and not os.path.isfile(args.kernel):
-        raise UsageError(f"--kernel {args.kernel}: no such file")
-    sink, close_sink = _serial_sink(args.serial)
+    machine, close_sink = _open_machine(args, strict=args.strict, c_loop=not args.no_c_loop)
     try:
-        machine = Machine(memory=args.memory, strict=args.strict, c_loop=not args.no_c_loop, serial=sink)
-    except ValueError as exc:
-        close_sink()
-        raise UsageError(f"-m {args.memory}: {exc}") from None
-    try:
-        try:
-            if args.guest is not None:
-                machine.load_guest(args.guest, args=args.args)
-            else:
-                machine.load_image(args.kernel, format=args.format, mode=args.mode, load_addr=args.load_addr,
-                                   args=args.args, cmdline=args.append)
-        except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
-            raise UsageError(str(exc)) from None
-        except ModeNotSupported as exc:
-            print(f"pykvm run: cannot run on this host: {exc}", file=sys.stderr)
-            return EXIT_HOST_CANNOT
+        status = _load_for(machine, args, "run")
+        if status is not None:
+            return status
         if args.monitor not in (None, "none") or args.monitor_script is not None or args.freeze:
             return _monitor_session(machine, args)
         if args.input is not None:
@@ -272,6 +246,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _open_machine(args: argparse.Namespace, **options):
+    """Check the image arguments, open the serial sink and make the Machine: (machine, close_sink)."""
+    from pykvm.machine import Machine
+
+    if args.guest is not None and (args.mode or args.load_addr is not None):
+        raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
+    if args.kernel is not None and not os.path.isfile(args.kernel):
+        raise UsageError(f"--kernel {args.kernel}: no such file")
+    sink, close_sink = _serial_sink(args.serial)
+    try:
+        return Machine(memory=args.memory, serial=sink, **options), close_sink
+    except ValueError as exc:
+        close_sink()
+        raise UsageError(f"-m {args.memory}: {exc}") from None
+
+
 def _load_for(machine, args, command: str) -> int | None:
     """Load --guest or --kernel into ``machine``; a status to return when the host cannot, else None."""
     from pykvm import guests
@@ -283,7 +273,7 @@ def _load_for(machine, args, command: str) -> int | None:
             machine.load_guest(args.guest, args=args.args)
         else:
             machine.load_image(args.kernel, format=args.format, mode=args.mode, load_addr=args.load_addr,
-                               args=args.args)
+                               args=args.args, cmdline=args.append)
     except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
         raise UsageError(str(exc)) from None
     except ModeNotSupported as exc:
@@ -303,21 +293,11 @@ def _stop_status(stop) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Single-step a guest and print each instruction, or each exit (``--exits``); see pykvm.trace."""
-    from pykvm.machine import Machine
     from pykvm.trace import TraceError, format_exit, format_mode, format_step, format_stop
 
-    if args.guest is not None and (args.mode or args.load_addr is not None):
-        raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
-    if args.kernel is not None and not os.path.isfile(args.kernel):
-        raise UsageError(f"--kernel {args.kernel}: no such file")
     if len(args.hw_breaks) + len(args.sw_breaks) > 4:
         raise UsageError("at most 4 breakpoints (x86 has four debug registers)")
-    sink, close_sink = _serial_sink(args.serial)
-    try:
-        machine = Machine(memory=args.memory, serial=sink)
-    except ValueError as exc:
-        close_sink()
-        raise UsageError(f"-m {args.memory}: {exc}") from None
+    machine, close_sink = _open_machine(args)
     out = sys.stdout
     try:
         status = _load_for(machine, args, "trace")
