@@ -7,7 +7,6 @@ owns its fd; vCPUs created from it own theirs.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
