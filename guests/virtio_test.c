@@ -148,6 +148,16 @@ static void wait_for_device(void)
 }
 #endif
 
+/* Leave the counters where the host reads them (guest_aux -> RBX/RCX/RDX). */
+static void report_counters(void)
+{
+    guest_aux[1] = nreceived;
+#if GUEST_CPL == 0
+    guest_aux[0] = interrupts;
+    guest_aux[2] = status_seen;
+#endif
+}
+
 static uint64_t fail(const char *what, int code)
 {
     puts_com1(GUEST_NAME ": error: ");
@@ -155,11 +165,7 @@ static uint64_t fail(const char *what, int code)
     puts_com1(" (code ");
     putdec((uint64_t)code);
     puts_com1(")\n");
-    guest_aux[1] = nreceived;
-#if GUEST_CPL == 0
-    guest_aux[0] = interrupts;
-    guest_aux[2] = status_seen;
-#endif
+    report_counters();
     return GUEST_FAIL(code);
 }
 
@@ -245,10 +251,6 @@ uint64_t guest_main(uint64_t mode, uint64_t arg)
     puts_com1(GUEST_NAME ": echo ok, ");
     putdec(strlen(msg));
     puts_com1(" bytes\n");
-    guest_aux[1] = nreceived;
-#if GUEST_CPL == 0
-    guest_aux[0] = interrupts;
-    guest_aux[2] = status_seen;
-#endif
+    report_counters();
     return strlen(msg);
 }
