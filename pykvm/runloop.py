@@ -122,11 +122,6 @@ class RunLoop:
         """The ``struct pykvm_loop *`` itself, for hot loops that read io_value/io_addr."""
         return self._loop
 
-    def answer(self, data: bytes) -> None:
-        """Answer the pending single IN / MMIO read; copied into kvm_run on the next run()."""
-        self._loop.io_value = int.from_bytes(data, "little")
-        self._loop.io_answer = 1
-
     def clear_pending(self) -> None:
         """Do not time the exit in flight (the run ends here)."""
         lib.pykvm_loop_clear_pending(self._loop)
