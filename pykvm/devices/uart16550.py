@@ -187,14 +187,13 @@ class Uart16550:
         For monitors, labs and tests: what the registers hold, the receive
         FIFO's contents and the interrupt line, as the host sees them.
         """
-        lsr = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0) | (LSR_OE if self._overrun else 0)
         return {
             "ier": self._ier,
             "iir": self._pending_interrupt() | (0xC0 if self._fifo_enabled else 0),
             "fcr": self._fcr,
             "lcr": self._lcr,
             "mcr": self._mcr,
-            "lsr": lsr,
+            "lsr": self._lsr(),
             "msr": self._modem_lines | self._modem_deltas,
             "scr": self._scr,
             "divisor": self._divisor,
@@ -297,12 +296,17 @@ class Uart16550:
         self._host_input.extendleft(reversed(from_host))
         self.bytes_in -= len(from_host)
 
-    def _read_lsr(self) -> int:
+    def _lsr(self) -> int:
+        """LSR's value; reading it through the guest also clears OE (_read_lsr)."""
         value = LSR_THRE | LSR_TEMT  # transmission is instantaneous
         if self._rx:
             value |= LSR_DR
         if self._overrun:
             value |= LSR_OE
+        return value
+
+    def _read_lsr(self) -> int:
+        value = self._lsr()
         self._overrun = False  # error bits are cleared by reading LSR
         return value
 
