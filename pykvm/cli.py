@@ -202,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _report_split(result.split, args)
     if result.exit_status is not None:
         return result.exit_status
-    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(result.ended, EXIT_GUEST_CRASHED)
+    return _failure_status(result.ended)
 
 
 def _report_split(split, args: argparse.Namespace) -> None:
@@ -282,13 +282,18 @@ def _load_for(machine, args, command: str) -> int | None:
     return None
 
 
+def _failure_status(ended: str) -> int:
+    """The exit status of a run that did not end cleanly: timeout, Ctrl-C, or a crash."""
+    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(ended, EXIT_GUEST_CRASHED)
+
+
 def _stop_status(stop) -> int:
     """The exit status for how a traced or monitored guest ended (None: it did not end)."""
     if stop is None or stop.reason in ("breakpoint", "step", "paused"):
         return 0
     if stop.clean:
         return stop.status or 0
-    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(stop.reason, EXIT_GUEST_CRASHED)
+    return _failure_status(stop.reason)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
