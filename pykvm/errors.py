@@ -1,8 +1,33 @@
-"""Exceptions raised by pykvm.
+"""Every error pykvm raises, in one tree.
+
+::
+
+    PykvmError
+    ├── KvmError (OSError)          an ioctl/open/mmap on a KVM fd failed: .ioctl, .errno
+    ├── HostCannot (RuntimeError)   this host's KVM cannot do what was asked
+    │   └── ModeNotSupported        ... run a CPU mode (kvm_pvm: paging only in long mode)
+    ├── GuestError                  the guest did something the machine cannot continue from
+    │   └── UnmappedAccess          ... touched a port/address nothing answers, on a strict bus
+    ├── GuestMemoryError (ValueError)  a host-side access fell outside guest memory
+    ├── LoaderError (ValueError)    an image is malformed, missing or does not fit
+    ├── BusError (ValueError)       a bus range cannot be registered as asked
+    ├── DeviceError (ValueError)    a device model was called wrongly by the host (bad size, offset)
+    ├── PageTableError (ValueError) a mapping that cannot be built
+    ├── VirtqueueError              a virtio driver broke the virtqueue rules (device needs reset)
+    ├── StateError (ValueError)     a snapshot/migration stream is corrupt, truncated or foreign
+    ├── ImageError (ValueError)     a disk image is corrupt or unsupported
+    ├── TraceError (RuntimeError)   the tracer cannot do what was asked
+    ├── MonitorError                a monitor command cannot be carried out (its text is the answer)
+    ├── GuestNotFound (LookupError) not one of the shipped guests
+    ├── GuestNotBuilt (FileNotFoundError)  a shipped guest whose binary is not built
+    ├── UsageError                  bad command-line input (one line, exit status 2)
+    └── BenchError (RuntimeError)   a benchmark could not measure what it set out to
 
 ``KvmError`` is the one error of the raw layer (like rust-vmm's
-``kvm_ioctls::Error``): an ``OSError`` that also names the ioctl that failed.
-The errno is read right after the failing call, never later.
+``kvm_ioctls::Error``).  Its errno is read right after the failing call.
+
+Not errors, and so not here: ``pykvm.devices.DeviceStop`` (a device asking
+the run loop to stop: control flow, caught by the loop).
 """
 
 from __future__ import annotations
@@ -36,6 +61,19 @@ class KvmError(PykvmError, OSError):
         return (type(self), (self.ioctl, self.errno))
 
 
+class HostCannot(PykvmError, RuntimeError):
+    """This host's KVM cannot do what was asked (a measured limit, not a bug)."""
+
+
+class ModeNotSupported(HostCannot):
+    """KVM accepted KVM_SET_SREGS but did not keep the mode's key bits.
+
+    Seen on kvm_pvm nested hosts, which run paging only in long mode: they
+    drop CR0.PG for ``paged32`` (and PAE without long mode), and the guest
+    would triple-fault on its first instruction.
+    """
+
+
 class GuestError(PykvmError):
     """The guest did something the machine cannot continue from.
 
@@ -48,6 +86,32 @@ class GuestError(PykvmError):
         self.rip = rip
 
 
+class UnmappedAccess(GuestError):
+    """The guest accessed an address no device answers, on a strict bus."""
+
+    def __init__(self, kind: str, address: int, size: int, is_write: bool, rip: int | None = None) -> None:
+        self.kind = kind
+        self.address = address
+        self.size = size
+        self.is_write = is_write
+        super().__init__(describe_access(kind, address, size, is_write, rip), rip)
+
+    def at(self, rip: int) -> "UnmappedAccess":
+        """The same access, now naming the guest RIP it came from."""
+        return UnmappedAccess(self.kind, self.address, self.size, self.is_write, rip)
+
+
+def describe_access(kind: str, address: int, size: int, is_write: bool, rip: int | None = None) -> str:
+    """Say "unmapped PIO write to port 0x1234 (1 byte) at RIP 0x100012"."""
+    direction = "write to" if is_write else "read from"
+    where = "port" if kind == "pio" else "address"
+    plural = "" if size == 1 else "s"
+    text = f"unmapped {kind.upper()} {direction} {where} {address:#x} ({size} byte{plural})"
+    if rip is not None:
+        text += f" at RIP {rip:#x}"
+    return text
+
+
 class GuestMemoryError(PykvmError, ValueError):
     """A host-side access to guest memory fell outside every mapped region."""
 
@@ -56,8 +120,62 @@ class LoaderError(PykvmError, ValueError):
     """A guest image is malformed, missing or does not fit in guest memory."""
 
 
-class DeviceError(PykvmError):
-    """A device model was misused by the host (not by the guest)."""
+class BusError(PykvmError, ValueError):
+    """A range cannot be registered (or unregistered) as asked."""
+
+
+class DeviceError(PykvmError, ValueError):
+    """A device model was called wrongly by the host: an access size or offset it cannot take.
+
+    A guest can never cause this: the bus only passes accesses that lie
+    inside the device's range, with sizes the CPU can produce.
+    """
+
+
+class PageTableError(PykvmError, ValueError):
+    """A mapping that cannot be built (conflict, misalignment, full region)."""
+
+
+class VirtqueueError(PykvmError):
+    """The driver broke the virtqueue rules; the device needs a reset.
+
+    Raised for anything a guest can get wrong in a virtqueue: rings or
+    buffers outside guest memory, misaligned rings, bad queue sizes,
+    descriptor loops and over-long chains, indices out of range, nested
+    indirect tables, wrong buffer directions.  It never means a host bug.
+    """
+
+
+class StateError(PykvmError, ValueError):
+    """A saved VM state (snapshot file, migration stream) is corrupt, truncated, foreign or unwritable."""
+
+
+class ImageError(PykvmError, ValueError):
+    """A disk image is corrupt, of an unsupported version, or asks for a feature pykvm lacks."""
+
+
+class TraceError(PykvmError, RuntimeError):
+    """The host cannot do what was asked (e.g. single-step in this CPU mode), or bad tracer input."""
+
+
+class MonitorError(PykvmError):
+    """A command the monitor cannot carry out; its text is the answer."""
+
+
+class GuestNotFound(PykvmError, LookupError):
+    """The name is not one of the shipped guests."""
+
+
+class GuestNotBuilt(PykvmError, FileNotFoundError):
+    """The guest is known but its .bin has not been built (run make)."""
+
+
+class UsageError(PykvmError):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class BenchError(PykvmError, RuntimeError):
+    """A benchmark could not measure what it set out to (a guest misbehaved, a tool is missing)."""
 
 
 def check(ioctl: str, rc: int, detail: str = "") -> int:
