@@ -6,9 +6,11 @@ the package (pykvm/guests/bin/).  Metadata lives in pyproject.toml.
 """
 
 import os
+import pathlib
 import subprocess
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 
@@ -24,7 +26,24 @@ class BuildPyWithGuests(build_py):
                                f"BUILD={os.path.join(os.path.abspath(self.get_finalized_command('build').build_temp), 'guests')}"])
 
 
+class BuildExtOneCopy(build_ext):
+    """build_ext that, building in place (``pip install -e .``), leaves one ``_native*.so``.
+
+    ``make`` builds the same extension under the interpreter's own suffix; the
+    two must never sit side by side, where the stale one may be imported.
+    """
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            for ext in self.extensions:
+                built = pathlib.Path(self.get_ext_fullpath(ext.name)).resolve()
+                for other in built.parent.glob(built.name.split(".")[0] + "*.so"):
+                    if other != built:
+                        other.unlink()
+
+
 setup(
     cffi_modules=["pykvm/_build.py:ffibuilder"],
-    cmdclass={"build_py": BuildPyWithGuests},
+    cmdclass={"build_py": BuildPyWithGuests, "build_ext": BuildExtOneCopy},
 )

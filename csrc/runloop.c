@@ -124,19 +124,29 @@ static uint64_t le_value(const uint8_t *p, uint32_t len)
 static enum outcome handle_write(struct pykvm_loop *L, struct pykvm_range *r,
                                  const uint8_t *data, uint32_t size, uint32_t count)
 {
+    /* The value of the last element written (REP OUTS writes count of them). */
+    uint64_t value = le_value(data + (uint64_t)(count - 1) * size, size);
+
     switch (r->write_action) {
     case PYKVM_WRITE_DROP:
-        return HANDLED;
+        break;
     case PYKVM_WRITE_TXBUF:
-        /* Only byte writes are plain transmits; a full buffer goes to
-         * Python, which drains it first, so no byte is ever lost. */
-        if (size != 1 || L->txbuf == NULL || L->txcap - L->txlen < count)
+        /* Only byte writes are plain transmits; a full buffer, or one that
+         * holds another range's bytes, goes to Python, which drains it
+         * first, so no byte is lost or given to the wrong device. */
+        if (size != 1 || L->txbuf == NULL || L->txcap - L->txlen < count ||
+            (L->txlen && L->txowner != r->id))
             return PASS;
         memcpy(L->txbuf + L->txlen, data, count);
         L->txlen += count;
-        return HANDLED;
+        L->txowner = r->id;
+        break;
     case PYKVM_WRITE_DEBUG_EXIT:
-        L->stop_status = (le_value(data, size) << 1) | 1;
+        if (count != 1)
+            return PASS;
+        r->last_value = value;
+        r->write_hits++;
+        L->stop_status = (value << 1) | 1;
         return DEBUG_EXIT;
     case PYKVM_WRITE_EVENTFD: {
         /* A doorbell (virtio's QueueNotify): wake the host thread that waits
@@ -148,11 +158,14 @@ static enum outcome handle_write(struct pykvm_loop *L, struct pykvm_range *r,
         uint64_t one = 1;
         if (write(r->write_fd, &one, sizeof(one)) != (ssize_t)sizeof(one))
             return PASS;
-        return HANDLED;
+        break;
     }
     default:
         return PASS;
     }
+    r->last_value = value;
+    r->write_hits += count;
+    return HANDLED;
 }
 
 static void fill_const(uint8_t *dst, uint64_t value, uint32_t size, uint32_t count)
@@ -165,13 +178,15 @@ static enum outcome try_handle(struct pykvm_loop *L, struct kvm_run *run)
 {
     struct pykvm_range *r;
     enum outcome out = PASS;
+    uint32_t elements = 1;
 
     switch (run->exit_reason) {
     case KVM_EXIT_IO: {
         uint32_t size = run->io.size, count = run->io.count;
+        elements = count;
         uint8_t *data = (uint8_t *)run + run->io.data_offset;
         r = find_range(L, PYKVM_SPACE_PIO, run->io.port, size);
-        if (r == NULL || size > 8)
+        if (r == NULL || size > 8 || count == 0)
             return PASS;
         if (run->io.direction == KVM_EXIT_IO_OUT)
             out = handle_write(L, r, data, size, count);
@@ -198,7 +213,7 @@ static enum outcome try_handle(struct pykvm_loop *L, struct kvm_run *run)
         return PASS;
     }
     if (out != PASS)
-        r->hits++;
+        r->hits += elements;
     return out;
 }
 
@@ -208,11 +223,16 @@ void pykvm_loop_clear_pending(struct pykvm_loop *L)
     L->io_answer = 0;
 }
 
-/* Classify an exit handed to Python: single accesses get a packed code. */
-static int python_exit_code(struct pykvm_loop *L, struct kvm_run *run)
+/* Classify an exit handed to Python: single accesses get a packed code.
+ * Unsigned: a port at or above 0x8000 shifted left by 16 does not fit a
+ * signed 32-bit int. */
+static uint32_t python_exit_code(struct pykvm_loop *L, struct kvm_run *run)
 {
+    if (L->decode_all)
+        return PYKVM_RET_EXIT;
     if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1 && run->io.size <= 8) {
-        int packed = (run->io.size << 8) | (run->io.port << 16);
+        uint32_t packed = ((uint32_t)run->io.size << PYKVM_RET_SIZE_SHIFT) |
+                          ((uint32_t)run->io.port << PYKVM_RET_PORT_SHIFT);
         if (run->io.direction == KVM_EXIT_IO_OUT) {
             L->io_value = le_value((uint8_t *)run + run->io.data_offset, run->io.size);
             return PYKVM_RET_PIO_OUT | packed;
@@ -223,9 +243,9 @@ static int python_exit_code(struct pykvm_loop *L, struct kvm_run *run)
         L->io_addr = run->mmio.phys_addr;
         if (run->mmio.is_write) {
             L->io_value = le_value(run->mmio.data, run->mmio.len);
-            return PYKVM_RET_MMIO_WRITE | (run->mmio.len << 8);
+            return PYKVM_RET_MMIO_WRITE | (run->mmio.len << PYKVM_RET_SIZE_SHIFT);
         }
-        return PYKVM_RET_MMIO_READ | (run->mmio.len << 8);
+        return PYKVM_RET_MMIO_READ | (run->mmio.len << PYKVM_RET_SIZE_SHIFT);
     }
     return PYKVM_RET_EXIT;
 }
@@ -240,10 +260,14 @@ static void complete_answer(struct pykvm_loop *L, struct kvm_run *run)
     L->io_answer = 0;
 }
 
-static int run_until_python(struct pykvm_loop *L)
+static uint32_t run_until_python(struct pykvm_loop *L)
 {
     struct kvm_run *run = L->run;
 
+    if (L->vcpu_fd < 0 || run == NULL) {   /* the vCPU was closed: never touch its mapping */
+        L->error_errno = EBADF;
+        return PYKVM_RET_ERROR;
+    }
     for (;;) {
         if (L->io_answer)
             complete_answer(L, run);
@@ -294,8 +318,9 @@ static int run_until_python(struct pykvm_loop *L)
     }
 }
 
-int pykvm_loop_run(struct pykvm_loop *L)
+uint32_t pykvm_loop_run(struct pykvm_loop *L)
 {
-    int ret = run_until_python(L);
+    uint32_t ret = run_until_python(L);
+    L->returns++;
     return L->txlen ? ret | PYKVM_RET_TX_PENDING : ret;
 }

@@ -9,6 +9,7 @@ pykvm uses (``#define X ...`` and structs ending in ``...;``).
 from __future__ import annotations
 
 import pathlib
+import re
 
 from cffi import FFI
 
@@ -22,6 +23,8 @@ KVM_GET_API_VERSION KVM_CREATE_VM KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE
 KVM_GET_SUPPORTED_CPUID KVM_GET_MSR_INDEX_LIST
 KVM_SET_USER_MEMORY_REGION KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP_ADDR
 KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KVM_IRQ_LINE KVM_IOEVENTFD KVM_IRQFD
+KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2 KVM_SET_GSI_ROUTING
+KVM_GET_CLOCK KVM_SET_CLOCK KVM_GET_TSC_KHZ KVM_GET_XSAVE KVM_SET_XSAVE KVM_SIGNAL_MSI
 KVM_REGISTER_COALESCED_MMIO KVM_UNREGISTER_COALESCED_MMIO KVM_GET_DIRTY_LOG
 KVM_CREATE_VCPU KVM_GET_STATS_FD KVM_RUN
 KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
@@ -39,6 +42,7 @@ KVM_CAP_VCPU_EVENTS KVM_CAP_MP_STATE KVM_CAP_SYNC_MMU KVM_CAP_INTERNAL_ERROR_DAT
 KVM_CAP_X86_USER_SPACE_MSR KVM_CAP_SPLIT_IRQCHIP KVM_CAP_TSC_CONTROL
 KVM_CAP_SYNC_REGS KVM_CAP_DIRTY_LOG_RING KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
 KVM_CAP_USER_NMI KVM_CAP_IOEVENTFD_ANY_LENGTH KVM_CAP_X86_ROBUST_SINGLESTEP
+KVM_CAP_GET_TSC_KHZ KVM_CAP_ADJUST_CLOCK KVM_CAP_IRQ_ROUTING KVM_CAP_SIGNAL_MSI
 KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG
 KVM_EXIT_HLT KVM_EXIT_MMIO KVM_EXIT_IRQ_WINDOW_OPEN KVM_EXIT_SHUTDOWN
 KVM_EXIT_FAIL_ENTRY KVM_EXIT_INTR KVM_EXIT_SET_TPR KVM_EXIT_TPR_ACCESS
@@ -50,7 +54,9 @@ KVM_INTERNAL_ERROR_DELIVERY_EV KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
 KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
-KVM_IRQFD_FLAG_DEASSIGN
+KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE
+KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI
 KVM_PIT_SPEAKER_DUMMY
 KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP
 KVM_GUESTDBG_USE_HW_BP KVM_GUESTDBG_INJECT_DB KVM_GUESTDBG_INJECT_BP
@@ -71,59 +77,30 @@ KVM_CAP_GUEST_MEMFD KVM_CAP_XSAVE2 KVM_CAP_X86_NOTIFY_VMEXIT
 KVM_EXIT_NOTIFY KVM_EXIT_MEMORY_FAULT KVM_CAP_MEMORY_FAULT_INFO
 """.split()
 
-RUNLOOP_CONSTANTS = """
-PYKVM_MAX_RANGES PYKVM_NR_REASONS PYKVM_HIST_BUCKETS
-PYKVM_SPACE_PIO PYKVM_SPACE_MMIO PYKVM_READ_PASS PYKVM_READ_CONST
-PYKVM_WRITE_PASS PYKVM_WRITE_DROP PYKVM_WRITE_TXBUF PYKVM_WRITE_DEBUG_EXIT
-PYKVM_WRITE_EVENTFD
-PYKVM_RET_EXIT PYKVM_RET_DEBUG_EXIT PYKVM_RET_INTR PYKVM_RET_ERROR
-PYKVM_RET_PIO_OUT PYKVM_RET_PIO_IN PYKVM_RET_MMIO_WRITE PYKVM_RET_MMIO_READ
-PYKVM_RET_CODE_MASK PYKVM_RET_TX_PENDING
-""".split()
-
 LIBC_CDEF = """
+#define PYKVM_ROUTING_U_OFFSET ...
 #define MADV_HUGEPAGE ...
 #define MADV_DONTNEED ...
+#define MADV_MERGEABLE ...
 #define SIGUSR1 ...
 """
 
-RUNLOOP_CDEF = """
-struct pykvm_range {
-    uint64_t base; uint64_t length; uint64_t read_value;
-    uint32_t space; uint32_t read_action; uint32_t write_action; uint32_t id;
-    uint64_t hits;
-    int32_t write_fd; uint32_t reserved;
-};
-struct pykvm_loop {
-    int vcpu_fd;
-    struct kvm_run *run;
-    uint32_t nranges;
-    struct pykvm_range ranges[32];
-    uint8_t *txbuf; uint32_t txcap; uint32_t txlen;
-    uint64_t ns_per_tsc_q32;
-    uint64_t stop_status;
-    int error_errno;
-    uint64_t io_addr; uint64_t io_value; uint32_t io_answer;
-    uint64_t exits[64]; uint64_t exits_c[64]; uint64_t exits_py[64];
-    uint64_t tsc_in_run; uint64_t tsc_in_c; uint64_t tsc_in_py;
-    uint64_t hist_handle[64][32];
-    uint64_t hist_roundtrip[64][32];
-    int32_t pending_reason;
-    ...;
-};
-int pykvm_loop_run(struct pykvm_loop *loop);
-void pykvm_loop_clear_pending(struct pykvm_loop *loop);
-int pykvm_run_once(int vcpu_fd, uint64_t *tsc_before, uint64_t *tsc_after);
-long pykvm_ioctl(int fd, unsigned long request, unsigned long arg);
-long pykvm_ioctl_ptr(int fd, unsigned long request, void *arg);
-void *pykvm_mmap_anon(uint64_t size, int *err);
-void *pykvm_mmap_fd(int fd, uint64_t size, int *err);
-int pykvm_munmap(void *addr, uint64_t size);
-int pykvm_madvise(void *addr, uint64_t size, int advice);
-int pykvm_install_kick_handler(int signo);
-uint64_t pykvm_rdtsc(void);
-int pykvm_drain_coalesced(void *ring_page, struct kvm_coalesced_mmio *out, int max);
-"""
+_CDEF_BEGIN, _CDEF_END = "/* cffi: begin */", "/* cffi: end */"
+
+
+def runloop_cdef(header: str) -> str:
+    """The C loop's contract for cffi, derived from csrc/runloop.h (its only declaration).
+
+    The part between the cffi markers is valid cdef once the values and
+    array sizes are left to the compiler: ``#define NAME value`` becomes
+    ``#define NAME ...`` and ``[NAME]`` becomes ``[...]``.
+    """
+    try:
+        body = header[header.index(_CDEF_BEGIN) + len(_CDEF_BEGIN):header.index(_CDEF_END)]
+    except ValueError:
+        raise RuntimeError("csrc/runloop.h lacks its cffi: begin/end markers") from None
+    body = re.sub(r"^#define\s+(\w+)\s+\S.*$", r"#define \1 ...", body, flags=re.M)
+    return re.sub(r"\[[A-Z_][A-Z0-9_]*\]", "[...]", body)
 
 
 def _guarded_source() -> tuple[str, str]:
@@ -141,11 +118,12 @@ def make_ffi() -> FFI:
     ffi = FFI()
     guarded_cdef, guarded_src = _guarded_source()
     ffi.cdef((CSRC / "kvm_structs.cdef").read_text())
-    ffi.cdef("".join(f"#define {name} ...\n" for name in KVM_CONSTANTS + RUNLOOP_CONSTANTS))
-    ffi.cdef(LIBC_CDEF + RUNLOOP_CDEF + guarded_cdef)
+    ffi.cdef("".join(f"#define {name} ...\n" for name in KVM_CONSTANTS))
+    ffi.cdef(LIBC_CDEF + runloop_cdef((CSRC / "runloop.h").read_text()) + guarded_cdef)
     ffi.set_source(
         "pykvm._native",
-        '#include <signal.h>\n#include <sys/mman.h>\n#include "runloop.h"\n' + guarded_src,
+        '#include <signal.h>\n#include <stddef.h>\n#include <sys/mman.h>\n#include "runloop.h"\n'
+        "#define PYKVM_ROUTING_U_OFFSET offsetof(struct kvm_irq_routing_entry, u)\n" + guarded_src,
         sources=[str(CSRC / "runloop.c")],
         include_dirs=[str(CSRC)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
@@ -154,6 +132,22 @@ def make_ffi() -> FFI:
 
 
 ffibuilder = make_ffi()
+
+
+def remove_stale_builds(keep: pathlib.Path) -> list[pathlib.Path]:
+    """Delete every other ``_native*.so`` beside ``keep``: one build, never a stale one that wins.
+
+    ``make`` names the extension after the interpreter (``_native.cpython-311-...so``);
+    ``pip install -e .`` builds it for the stable ABI (``_native.abi3.so``).  Python
+    would import whichever suffix it tries first, so the other must go.
+    """
+    removed = []
+    for other in keep.parent.glob("_native*.so"):
+        if other.name != keep.name:
+            other.unlink()
+            removed.append(other)
+    return removed
+
 
 def build_in_place() -> pathlib.Path:
     """Compile under build/cffi and copy the extension next to this file (``make``)."""
@@ -167,6 +161,7 @@ def build_in_place() -> pathlib.Path:
     partial = target.with_name(target.name + ".tmp")
     shutil.copy2(built, partial)
     partial.replace(target)
+    remove_stale_builds(target)
     return target
 
 
