@@ -1,11 +1,12 @@
 """x86 helpers: segments and the GDT, page tables, CPU-mode setup, decoding.
 
 Pure Python, no KVM needed (nothing here imports ``pykvm._native``), so all
-of it can be used and tested on any machine:
+of it can be used and tested on any machine.  Mechanism only: *where* the
+GDT, TSS and page tables go is the platform's choice
+(``pykvm.platform.cpu_tables``), handed to :func:`setup_mode`.
 
 * :mod:`~pykvm.x86.bits`     architectural bit constants (CR0, CR4, EFER,
   RFLAGS, page-table entries, descriptors), with manual references;
-* :mod:`~pykvm.x86.layout`   the guest-physical layout of the contract;
 * :mod:`~pykvm.x86.segments` :class:`Segment`, descriptors, :class:`Gdt`,
   TSS images, the standard flat GDT of each mode;
 * :mod:`~pykvm.x86.paging`   page-table builders and a page walker;
@@ -15,9 +16,8 @@ of it can be used and tested on any machine:
 
 from __future__ import annotations
 
-from . import bits, layout
-from .layout import MODES
-from .modes import ModeSetup, mode_registers, setup_mode
+from . import bits
+from .modes import ModeSetup, TablePlacement, mode_registers, setup_mode
 from .paging import (
     Level,
     PageTableBuilder,
@@ -37,6 +37,8 @@ from .paging import (
 )
 from .segments import FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
 from .state import (
+    MODES,
+    check_mode,
     cpl,
     cpu_mode_name,
     decode_cr0,
@@ -49,8 +51,8 @@ from .state import (
 
 __all__ = [
     "bits",
-    "layout",
     "MODES",
+    "check_mode",
     # segments
     "Segment",
     "Gdt",
@@ -79,6 +81,7 @@ __all__ = [
     "setup_mode",
     "mode_registers",
     "ModeSetup",
+    "TablePlacement",
     # state
     "decode_rflags",
     "decode_cr0",

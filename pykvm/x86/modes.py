@@ -44,14 +44,59 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import bits, layout
+from pykvm.errors import ModeNotSupported
+
+from . import bits
 from .paging import GiB4, MiB2, MiB4, PageTableBuilder, PageTables4Level, PageTables32
 from .segments import USER_IO_PORTS, FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
-from .state import decode_cr0, decode_cr4, decode_efer, decode_rflags, format_table
+from .state import MODES, check_mode, decode_cr0, decode_cr4, decode_efer, decode_rflags, format_table
 
-__all__ = ["ModeSetup", "ModeNotSupported", "setup_mode", "MODES", "mode_registers"]
+__all__ = ["MODES", "ModeNotSupported", "ModeSetup", "TablePlacement", "mode_registers", "setup_mode"]
 
-MODES = layout.MODES
+
+@dataclass(frozen=True)
+class TablePlacement:
+    """Where :func:`setup_mode` writes the structures it builds (guest-physical addresses).
+
+    The GDT, the TSS (with its I/O bitmap in ``long_user``), an empty IDT,
+    the identity-map page tables in ``[page_tables, page_tables_end)``, and
+    the initial stacks: ``stack_top`` (RSP), ``kernel_stack_top`` (the TSS's
+    RSP0, where CPL 3 -> 0 switches to) and ``real_stack`` (SS:SP in real
+    mode, below 1 MiB).  Where they go is the platform's choice
+    (``pykvm.platform.cpu_tables``); this module only needs to be told.
+    """
+
+    gdt: int
+    tss: int
+    idt: int
+    page_tables: int
+    page_tables_end: int
+    kernel_stack_top: int
+    stack_top: int
+    real_stack: int
+
+    #: Bytes :meth:`window` needs: GDT, TSS, IDT, 64 KiB of tables, 16 KiB kernel stack, 64 KiB stack.
+    WINDOW_SIZE = 0x27000
+
+    @classmethod
+    def window(cls, base: int) -> "TablePlacement":
+        """Everything packed into ``WINDOW_SIZE`` bytes from page-aligned ``base``."""
+        if base % 0x1000:
+            raise ValueError(f"the table window must be page-aligned, not {base:#x}")
+        return cls(gdt=base, tss=base + 0x1000, idt=base + 0x2000, page_tables=base + 0x3000,
+                   page_tables_end=base + 0x13000, kernel_stack_top=base + 0x17000, stack_top=base + 0x27000,
+                   real_stack=base + 0x27000)
+
+    def ranges(self, mode: str) -> list[tuple[int, int]]:
+        """``(start, end)`` of what :func:`setup_mode` writes or uses in ``mode`` (for overlap checks)."""
+        check_mode(mode)
+        if mode == "real":
+            return [(self.real_stack - 0x1000, self.real_stack)]
+        used = [(self.gdt, self.gdt + 0x1000), (self.tss, self.tss + 0x1000), (self.idt, self.idt + 0x1000),
+                (self.kernel_stack_top - 0x4000, self.kernel_stack_top), (self.stack_top - 0x10000, self.stack_top)]
+        if mode != "protected":
+            used.append((self.page_tables, self.page_tables_end))
+        return used
 
 
 class _Vcpu(Protocol):
@@ -75,7 +120,7 @@ def mode_registers(mode: str) -> tuple[int, int, int]:
 
     (CR3 depends on where the page tables go.)
     """
-    layout.check_mode(mode)
+    check_mode(mode)
     if mode == "real":
         return bits.CR0_RESET, 0, 0
     if mode == "protected":
@@ -159,15 +204,6 @@ class ModeSetup:
         return "\n".join(parts)
 
 
-class ModeNotSupported(RuntimeError):
-    """KVM accepted KVM_SET_SREGS but did not keep the mode's key bits.
-
-    Seen on kvm_pvm nested hosts, which run paging only in long mode: they
-    drop CR0.PG for ``paged32`` (and PAE without long mode), and the guest
-    would triple-fault on its first instruction.
-    """
-
-
 # The bits that make the mode; if KVM drops one, the guest runs in another mode.
 _KEY_BITS = (
     ("CR0", bits.CR0_PE | bits.CR0_PG, decode_cr0),
@@ -191,13 +227,13 @@ def _check_registers_kept(mode: str, sregs: Any, cr0: int, cr4: int, efer: int) 
         raise ModeNotSupported(f"KVM did not keep the {mode} mode's registers: {'; '.join(lost)}.{hint}")
 
 
-@functools.lru_cache(maxsize=None)
-def identity_tables(mode: str) -> tuple[int, tuple[int, int], tuple[tuple[int, bytes], ...]]:
-    """The page tables of a paged mode's 4 GiB identity map: (CR3, region used, pages).
+@functools.lru_cache(maxsize=16)
+def identity_tables(mode: str, start: int, end: int) -> tuple[int, tuple[int, int], tuple[tuple[int, bytes], ...]]:
+    """The page tables of a paged mode's 4 GiB identity map in ``[start, end)``: (CR3, region used, pages).
 
-    Built once per process with the page-table builder (32-bit paging with
-    4 MiB pages for ``paged32``; 4-level with 2 MiB pages, U/S=1 for
-    ``long_user``) and then copied: every VM gets the same bytes at the
+    Built once per process and placement with the page-table builder (32-bit
+    paging with 4 MiB pages for ``paged32``; 4-level with 2 MiB pages, U/S=1
+    for ``long_user``) and then copied: every VM gets the same bytes at the
     same addresses, and building them costs milliseconds in Python.
     """
     written: dict[int, bytes] = {}
@@ -206,10 +242,10 @@ def identity_tables(mode: str) -> tuple[int, tuple[int, int], tuple[tuple[int, b
         written[gpa] = bytes(data)
 
     if mode == "paged32":
-        builder: PageTableBuilder = PageTables32(record, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
+        builder: PageTableBuilder = PageTables32(record, start, end)
         builder.map(0, 0, GiB4, page_size=MiB4)
     elif mode in ("long", "long_user"):
-        builder = PageTables4Level(record, layout.PAGE_TABLES_START, layout.PAGE_TABLES_END)
+        builder = PageTables4Level(record, start, end)
         builder.map(0, 0, GiB4, page_size=MiB2, user=mode == "long_user")
     else:
         raise ValueError(f"mode {mode!r} has no page tables")
@@ -233,16 +269,17 @@ def setup_mode(
     entry: int,
     stack: int | None = None,
     args: tuple[int, int] = (0, 0),
+    *,
+    tables: TablePlacement,
 ) -> ModeSetup:
     """Put *vcpu* in *mode*, ready to run at *entry*.
 
     *mode* is one of :data:`MODES`.  The GDT, TSS and page tables are
-    written into *memory* at the contract's addresses
-    (:mod:`pykvm.x86.layout`).  RIP = *entry*, RSP = *stack* (``None``: the
-    contract's stack for the mode, 0x7c00 in real mode and 0x80000
-    otherwise), RDI/RSI = *args*, RFLAGS = 0x2 (0x3002 in ``long_user``:
-    IOPL 3, so port I/O works at CPL 3).  Other general registers keep
-    their values.
+    written into *memory* where *tables* says (``pykvm.platform.cpu_tables``
+    has the guests' contract and relocated windows).  RIP = *entry*, RSP =
+    *stack* (``None``: the placement's stack for the mode), RDI/RSI = *args*,
+    RFLAGS = 0x2 (0x3002 in ``long_user``: IOPL 3, so port I/O works at
+    CPL 3).  Other general registers keep their values.
 
     For ``long`` and ``long_user``, ``KVM_SET_CPUID2`` with the LM bit must
     have been done before, or KVM refuses EFER.LME (see module docstring).
@@ -256,10 +293,10 @@ def setup_mode(
     0-0x3fff (:data:`~pykvm.x86.segments.USER_IO_PORTS`), because some
     nested hosts ignore IOPL for CPL-3 port I/O.
     """
-    layout.check_mode(mode)
+    check_mode(mode)
     if stack is None:
-        stack = layout.initial_stack(mode)
-    flat: FlatGdt = flat_gdt(mode, tss_base=layout.TSS_ADDR)
+        stack = tables.real_stack if mode == "real" else tables.stack_top
+    flat: FlatGdt = flat_gdt(mode, tss_base=tables.tss)
     cr0, cr4, efer = mode_registers(mode)
     cr3 = 0
     page_tables: tuple[int, int] | None = None
@@ -280,17 +317,17 @@ def setup_mode(
         rflags = bits.RFLAGS_FIXED
     else:
         gdt = flat.gdt
-        gdt_base, gdt_limit = layout.GDT_ADDR, gdt.limit
-        idt_base, idt_limit = layout.IDT_ADDR, 0
+        gdt_base, gdt_limit = tables.gdt, gdt.limit
+        idt_base, idt_limit = tables.idt, 0
         memory.write(gdt_base, bytes(gdt))
-        tss_base = layout.TSS_ADDR
+        tss_base = tables.tss
         if mode in ("long", "long_user"):
             io_ports = USER_IO_PORTS if mode == "long_user" else 0
-            memory.write(tss_base, tss64(rsp0=layout.KERNEL_STACK_TOP, io_ports=io_ports))
+            memory.write(tss_base, tss64(rsp0=tables.kernel_stack_top, io_ports=io_ports))
         else:
-            memory.write(tss_base, tss32(esp0=layout.KERNEL_STACK_TOP, ss0=flat.ds.selector))
+            memory.write(tss_base, tss32(esp0=tables.kernel_stack_top, ss0=flat.ds.selector))
         if mode in ("paged32", "long", "long_user"):
-            cr3, page_tables, pages = identity_tables(mode)
+            cr3, page_tables, pages = identity_tables(mode, tables.page_tables, tables.page_tables_end)
             for gpa, data in pages:
                 memory.write(gpa, data)
         rip, rsp = entry, stack

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pykvm.errors import PageTableError
+
 from . import bits
 from .state import format_table
 
@@ -72,10 +74,6 @@ ReadFn = Callable[[int, int], bytes]
 
 #: The values :func:`paging_mode_of` returns and :func:`walk` accepts.
 PAGING_MODES = ("none", "32bit", "pae", "4level")
-
-
-class PageTableError(ValueError):
-    """A mapping that cannot be built (conflict, misalignment, full region)."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import bits, layout
-from .state import describe_segment_type, format_table
+from . import bits
+from .state import check_mode, describe_segment_type, format_table
 
 __all__ = [
     "Segment",
@@ -519,7 +519,7 @@ def _flat(code: bool, dpl: int = 0, long: bool = False) -> Segment:
 def tss_size(mode: str) -> int:
     """Size in bytes of the TSS :func:`flat_gdt` describes for *mode*
     (104, plus the I/O bitmap and its end byte in ``long_user``)."""
-    layout.check_mode(mode)
+    check_mode(mode)
     if mode == "long_user":
         return bits.TSS64_SIZE + USER_IO_PORTS // 8 + 1
     return bits.TSS64_SIZE  # 32- and 64-bit TSSs are both 104 bytes
@@ -554,7 +554,7 @@ class FlatGdt:
         return f"{self.gdt}\n\n" + format_table(["reg", "selector", "loads"], rows)
 
 
-def flat_gdt(mode: str, tss_base: int = layout.TSS_ADDR) -> FlatGdt:
+def flat_gdt(mode: str, tss_base: int) -> FlatGdt:
     """The standard flat GDT for *mode* and the segments to load.
 
     ``real``: no descriptors (only null); real-mode CS/DS/SS with selector 0.
@@ -566,7 +566,7 @@ def flat_gdt(mode: str, tss_base: int = layout.TSS_ADDR) -> FlatGdt:
     (0x28) -- the order SYSRET needs.  CS/DS/SS are the user ones, and the
     TSS limit covers an I/O bitmap for :data:`USER_IO_PORTS` ports.
     """
-    layout.check_mode(mode)
+    check_mode(mode)
     if mode == "real":
         return FlatGdt(
             mode=mode,

@@ -17,6 +17,23 @@ from typing import Any
 
 from . import bits
 
+#: The five CPU modes pykvm can start a vCPU in (canonical names).
+#:
+#: * ``real``: 16-bit real mode.
+#: * ``protected``: 32-bit flat protected mode, paging off.
+#: * ``paged32``: 32-bit, non-PAE paging, 4 MiB pages identity-mapping 4 GiB.
+#: * ``long``: 64-bit at CPL 0, identity map of the first 4 GiB (2 MiB pages).
+#: * ``long_user``: 64-bit at CPL 3 with RFLAGS.IOPL=3, same identity map with
+#:   U/S=1 at every level.
+MODES: tuple[str, ...] = ("real", "protected", "paged32", "long", "long_user")
+
+
+def check_mode(mode: str) -> str:
+    """Return *mode* if it is one of :data:`MODES`, else raise ``ValueError``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown CPU mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
 __all__ = [
     "decode_flags",
     "decode_rflags",
