@@ -7,6 +7,7 @@ line names it.  See the kernel's Documentation/virt/kvm/api.rst, section 4.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,7 @@ class Kvm(FdOwner):
         while True:
             cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
             rc = lib.pykvm_ioctl_ptr(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid)
-            if rc == -7 and max_entries < 4096:  # E2BIG: the table is larger
+            if rc == -errno.E2BIG and max_entries < 4096:  # the table is larger
                 max_entries *= 2
                 continue
             check("KVM_GET_SUPPORTED_CPUID", rc)
@@ -69,7 +70,7 @@ class Kvm(FdOwner):
         while True:
             msrs = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
             rc = lib.pykvm_ioctl_ptr(self.fd, lib.KVM_GET_MSR_INDEX_LIST, msrs)
-            if rc == -7 and msrs.nmsrs > count:  # E2BIG: nmsrs now holds the size needed
+            if rc == -errno.E2BIG and msrs.nmsrs > count:  # nmsrs now holds the size needed
                 count = msrs.nmsrs
                 continue
             check("KVM_GET_MSR_INDEX_LIST", rc)

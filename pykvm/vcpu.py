@@ -9,8 +9,13 @@ the mmap of ``struct kvm_run``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
 import struct
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from pykvm import exits
@@ -29,14 +34,46 @@ _RING_ENTRY = ffi.sizeof("struct kvm_coalesced_mmio")
 _RING_CAPACITY = (PAGE_SIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // _RING_ENTRY
 assert _RING_FORMAT.size == _RING_ENTRY
 
+#: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler, no SA_RESTART).
+KICK_SIGNAL = signal.SIGRTMIN
+
+_kick_handler_lock = threading.Lock()
+_kick_handler_installed = False
+
+
+def install_kick_handler() -> None:
+    """Install the kick signal's no-op C handler once per process, so a signalled KVM_RUN returns EINTR."""
+    global _kick_handler_installed
+    with _kick_handler_lock:
+        if not _kick_handler_installed:
+            rc = lib.pykvm_install_kick_handler(int(KICK_SIGNAL))
+            if rc < 0:
+                raise OSError(-rc, os.strerror(-rc), "sigaction")
+            _kick_handler_installed = True
+
 
 class Vcpu(FdOwner):
-    """A virtual CPU.  Close it with ``close()`` or a ``with`` block (unmaps kvm_run, closes the fd)."""
+    """A virtual CPU.  Close it with ``close()`` or a ``with`` block (unmaps kvm_run, closes the fd).
+
+    Runs are guarded: ``running()`` marks the thread that is inside KVM_RUN
+    (``run()`` and the C loop both enter through it), so ``kick()`` knows whom
+    to signal and ``close()`` from another thread first kicks that run and
+    waits for it to return before unmapping ``kvm_run``; closed, the vCPU
+    can never be run again.
+    """
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self._fd = fd
         self.id = vcpu_id
         self._mmap_size = mmap_size
+        self._guard = threading.RLock()  # held by the thread running this vCPU
+        self._kick_lock = threading.Lock()  # kvm_run and _runner, as kick() sees them
+        self._runner: int | None = None  # threading.get_ident() of the running thread
+        self._depth = 0  # nesting of running() on that thread
+        self._closing = False
+        self._close_deferred = False
+        self._on_close: list[Callable[[], None]] = []
+        install_kick_handler()
         err = ffi.new("int *")
         mapping = lib.pykvm_mmap_fd(fd, mmap_size, err)
         if mapping == ffi.NULL:
@@ -48,12 +85,100 @@ class Vcpu(FdOwner):
         self.kvm_run = ffi.cast("struct kvm_run *", mapping)
         """The shared ``struct kvm_run`` page: exit reason and data of the last KVM_RUN."""
 
+    # -- who runs it, kicking and closing -----------------------------------------
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Mark this thread as the one running the vCPU (re-entrant); ``close()`` waits for it.
+
+        Raises ``RuntimeError`` if another thread is running this vCPU, and
+        ``ValueError`` once it is closed or closing.
+        """
+        if not self._guard.acquire(blocking=False):
+            raise RuntimeError(f"vCPU {self.id} is already running on another thread")
+        self._depth += 1
+        try:
+            if self._closing or self._fd < 0:
+                raise ValueError(f"vCPU {self.id} is closed")
+            if self._depth == 1:
+                with self._kick_lock:
+                    self._runner = threading.get_ident()
+            yield
+        finally:
+            self._depth -= 1
+            outermost = self._depth == 0
+            if outermost:
+                with self._kick_lock:
+                    self._runner = None
+            self._guard.release()
+            if outermost and self._close_deferred:
+                self.close()  # asked for by this thread during the run
+
+    @property
+    def runner(self) -> int | None:
+        """``threading.get_ident()`` of the thread running this vCPU now, or None."""
+        return self._runner
+
+    @property
+    def closing(self) -> bool:
+        """True once ``close()`` has begun: a run loop seeing it returns at once."""
+        return self._closing
+
+    def kick(self) -> None:
+        """Make a running KVM_RUN return soon (not an ioctl; api.rst "immediate_exit").
+
+        Sets ``kvm_run.immediate_exit`` (a KVM_RUN about to start returns at
+        once) and signals the running thread (one inside the guest leaves with
+        EINTR).  Safe from any thread; does nothing when no run is going on.
+        """
+        with self._kick_lock:
+            if self.kvm_run is not None:
+                self.kvm_run.immediate_exit = 1
+            runner = self._runner
+            if runner is not None:
+                try:
+                    signal.pthread_kill(runner, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the vCPU closes, before kvm_run is unmapped (the C loop forgets it)."""
+        self._on_close.append(callback)
+
+    def close(self) -> None:
+        """Stop a run in progress (kick it, wait for it), then unmap kvm_run and close the fd.
+
+        Called from the thread that is running the vCPU (a device handler),
+        the close happens when that run returns.
+        """
+        if self._fd < 0:
+            return
+        guard = getattr(self, "_guard", None)
+        if guard is None:  # __init__ failed early
+            super().close()
+            return
+        if self._runner == threading.get_ident():
+            self._closing = True
+            self._close_deferred = True
+            self.kick()
+            return
+        self._closing = True
+        while not guard.acquire(timeout=0.05):
+            self.kick()  # the run may have been between exits when the first kick came
+        try:
+            super().close()
+        finally:
+            guard.release()
+
     def _release(self) -> None:
-        """Unmap kvm_run before the fd closes."""
+        """Tell the C loop, then unmap kvm_run before the fd closes."""
+        callbacks, self._on_close = getattr(self, "_on_close", []), []
+        for callback in callbacks:
+            callback()
         if getattr(self, "_mapping", None) is not None:
-            lib.pykvm_munmap(self._mapping, self._mmap_size)
-            self._mapping = None
-            self.kvm_run = None
+            with self._kick_lock:
+                lib.pykvm_munmap(self._mapping, self._mmap_size)
+                self._mapping = None
+                self.kvm_run = None
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} fd={self._fd}>"
@@ -74,12 +199,13 @@ class Vcpu(FdOwner):
         set) are normal: they return ``exits.Interrupted``.  The GIL is
         released while the guest runs.
         """
-        rc = lib.pykvm_ioctl(self.fd, lib.KVM_RUN, 0)
-        if rc < 0:
-            if rc in (-4, -11):  # EINTR, EAGAIN
-                return exits.INTERRUPTED
-            raise KvmError("KVM_RUN", -rc)
-        return exits.decode(self.kvm_run)
+        with self.running():
+            rc = lib.pykvm_ioctl(self.fd, lib.KVM_RUN, 0)
+            if rc < 0:
+                if -rc in (errno.EINTR, errno.EAGAIN):
+                    return exits.INTERRUPTED
+                raise KvmError("KVM_RUN", -rc)
+            return exits.decode(self.kvm_run)
 
     @property
     def immediate_exit(self) -> bool:
@@ -147,7 +273,7 @@ class Vcpu(FdOwner):
             msrs.entries[i].index = index
         got = check("KVM_GET_MSRS", lib.pykvm_ioctl_ptr(self.fd, lib.KVM_GET_MSRS, msrs))
         if got != n:
-            raise KvmError("KVM_GET_MSRS", 22, f"MSR {indices[got]:#x} is not readable")
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[got]:#x} is not readable")
         return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
@@ -159,7 +285,7 @@ class Vcpu(FdOwner):
             msrs.entries[i].data = data
         done = check("KVM_SET_MSRS", lib.pykvm_ioctl_ptr(self.fd, lib.KVM_SET_MSRS, msrs))
         if done != len(items):
-            raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[done][0]:#x} was refused")
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {items[done][0]:#x} was refused")
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: the CPUID table the guest sees (``struct kvm_cpuid2 *``)."""
@@ -224,6 +350,10 @@ class Vcpu(FdOwner):
         for i, value in enumerate(debugreg):
             dbg.arch.debugreg[i] = value
         self._set("KVM_SET_GUEST_DEBUG", lib.KVM_SET_GUEST_DEBUG, dbg)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz (the host's, unless KVM scales it)."""
+        return check("KVM_GET_TSC_KHZ", lib.pykvm_ioctl(self.fd, lib.KVM_GET_TSC_KHZ, 0))
 
     def translate(self, linear_address: int):
         """KVM_TRANSLATE: KVM's GVA->GPA translation (``valid`` is 0 when it has none).

@@ -108,7 +108,7 @@ class Vm(FdOwner):
         flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         spec = {"fd": fd, "gsi": gsi, "flags": flags}
         if resamplefd is not None:
-            spec["flags"] |= 2  # KVM_IRQFD_FLAG_RESAMPLE
+            spec["flags"] |= lib.KVM_IRQFD_FLAG_RESAMPLE
             spec["resamplefd"] = resamplefd
         self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, ffi.new("struct kvm_irqfd *", spec))
 
