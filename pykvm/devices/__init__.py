@@ -9,16 +9,34 @@ interrupt line), so every device can be tested with no VM at all.
 A device that must end the run (the guest asked to exit or to reset the
 machine) raises :class:`DeviceStop` from ``write``; the bus lets it propagate
 to the run loop.
+
+A device owns its fast path.  Exits cost the most when they reach Python,
+so pykvm's C run loop may take some accesses itself -- but only those the
+device hands it, and only while its state allows.  A device that has such
+registers offers ``fast_rows()``: :class:`FastRow` values, relative to its
+range, for its *current* state; when its state changes what those rows
+should be, it calls ``fast_path_changed()`` (a callable the platform sets).
+The platform gives back what C did, so what the host reads from the device
+is the same with the C loop on or off: ``fast_hits(row, hits, last_value)``
+for writes C counted or dropped, ``fast_transmitted(row, data)`` for bytes
+C buffered from a ``txbuf`` row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from pykvm.errors import DeviceError
 
 __all__ = [
     "Device",
+    "DeviceError",
     "DeviceStop",
     "DebugExit",
+    "FastPathDevice",
+    "FastRow",
     "I8042",
     "Port80",
     "Uart16550",
@@ -47,8 +65,44 @@ class Device(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class FastRow:
+    """Registers of a device that the C run loop may handle without calling Python.
+
+    ``offset``/``length`` are relative to the device's range.  ``read`` is
+    ``"pass"`` (Python answers) or ``"const"`` (C answers ``read_value``);
+    ``write`` is ``"pass"``, ``"drop"`` (C counts the write and keeps its
+    value), ``"txbuf"`` (C buffers byte writes: a UART's transmit register),
+    ``"debug-exit"`` (C stops the run with status ``(value << 1) | 1``) or
+    ``"eventfd"`` (C signals ``write_fd``: a doorbell served by a host thread).
+    """
+
+    offset: int
+    length: int
+    read: str = "pass"
+    write: str = "pass"
+    read_value: int = 0
+    write_fd: int = -1
+    name: str = ""
+
+
+@runtime_checkable
+class FastPathDevice(Protocol):
+    """A device that offers some of its registers to the C loop (see the module docstring)."""
+
+    fast_path_changed: Callable[[], None] | None
+
+    def fast_rows(self) -> Sequence[FastRow]:
+        """The rows C may take in the device's current state (empty: none)."""
+        ...
+
+    def fast_hits(self, row: FastRow, hits: int, last_value: int) -> None:
+        """C handled ``hits`` writes to ``row`` since the last call; the last wrote ``last_value``."""
+        ...
+
+
 class DeviceStop(Exception):
-    """A device asks the machine to stop running the guest.
+    """A device asks the machine to stop running the guest (control flow, not an error).
 
     ``reason`` says who and why (``"debug-exit"``, ``"reset"``); ``status``
     is the exit status the machine should report (for ``debug-exit`` it is

@@ -12,7 +12,7 @@ Here the write raises :class:`~pykvm.devices.DeviceStop` instead of calling
 
 from __future__ import annotations
 
-from pykvm.devices import DeviceStop
+from pykvm.devices import DeviceError, DeviceStop, FastRow
 
 
 class DebugExit:
@@ -25,13 +25,23 @@ class DebugExit:
     """
 
     name = "debug-exit"
+    fast_path_changed = None  # its row never changes
 
     def __init__(self, iosize: int = 1) -> None:
         if iosize not in (1, 2, 4):
-            raise ValueError(f"iosize must be 1, 2 or 4, not {iosize}")
+            raise DeviceError(f"iosize must be 1, 2 or 4, not {iosize}")
         self.length = iosize
         #: Status of the last write, ``(value << 1) | 1``; None until then.
         self.exit_status: int | None = None
+
+    def fast_rows(self) -> tuple[FastRow, ...]:
+        """The whole range: C answers reads with all-ones and stops the run on a write."""
+        return (FastRow(0, self.length, read="const", read_value=(1 << 64) - 1, write="debug-exit"),)
+
+    def fast_hits(self, row: FastRow, hits: int, last_value: int) -> None:
+        """C stopped the run on a write of ``last_value``: the same status a Python write records."""
+        if hits:
+            self.exit_status = ((last_value & ((1 << (8 * self.length)) - 1)) << 1) | 1
 
     def read(self, offset: int, size: int) -> bytes:
         """Reads are not decoded: the data lines float high."""
@@ -40,7 +50,7 @@ class DebugExit:
     def write(self, offset: int, data: bytes) -> None:
         """Record QEMU's exit status for the written value and stop."""
         if not 1 <= len(data) <= 4:
-            raise ValueError(f"debug-exit takes 1..4 byte writes, not {len(data)}")
+            raise DeviceError(f"debug-exit takes 1..4 byte writes, not {len(data)}")
         value = int.from_bytes(data, "little")
         self.exit_status = (value << 1) | 1
         raise DeviceStop("debug-exit", self.exit_status)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from pykvm.devices import DeviceStop
+from pykvm.devices import DeviceError, DeviceStop
 
-log = logging.getLogger("pykvm.devices.i8042")
+log = logging.getLogger("pykvm.devices.i8042")  # DEBUG only: a guest may write any command
 
 CMD_PULSE_RESET = 0xFE  # pulse output port bit 0 (the CPU reset line)
 
@@ -30,6 +30,8 @@ class I8042:
 
     def write(self, offset: int, data: bytes) -> None:
         """Command 0xFE resets (stops) the machine; others are ignored."""
+        if not data:
+            raise DeviceError("the i8042 command port takes 1-byte writes, not 0 bytes")
         command = data[0]
         if command == CMD_PULSE_RESET:
             raise DeviceStop("reset", 0)

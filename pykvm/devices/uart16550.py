@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from pykvm.devices import DeviceError, FastRow
+
 # Register offsets (datasheet Table II).  Offsets 0 and 1 hold the divisor
 # latch (DLL, DLM) instead while LCR.DLAB is set; offset 2 is IIR when read
 # and FCR when written; offset 0 is RBR when read and THR when written.
@@ -125,8 +127,8 @@ class Uart16550:
     ) -> None:
         self.output = output
         self.interrupt = interrupt
-        #: Called after a register write that changed :attr:`tx_fast_path_ok`.
-        self.on_state_change: Callable[[], None] | None = None
+        #: Called after a register write that changed :meth:`fast_rows` (set by the platform).
+        self.fast_path_changed: Callable[[], None] | None = None
         self.bytes_out = 0  # bytes transmitted to ``output``
         self.bytes_in = 0  # bytes moved from the host queue into the receiver
         self._host_input: deque[int] = deque()
@@ -157,8 +159,8 @@ class Uart16550:
         self._modem_deltas = 0  # MSR bits 0-3
         self._fill_receiver()
         self._update_interrupt()
-        if self.on_state_change:
-            self.on_state_change()  # the fast path is allowed again
+        if self.fast_path_changed:
+            self.fast_path_changed()  # the fast path is allowed again
 
     # -- the guest's side: register reads and writes ------------------------
 
@@ -178,8 +180,8 @@ class Uart16550:
         for register, value in enumerate(data, start=offset):
             self._write_register(register, value)
             self._update_interrupt()
-        if self.on_state_change and self.tx_fast_path_ok != fast_path_before:
-            self.on_state_change()
+        if self.fast_path_changed and self.tx_fast_path_ok != fast_path_before:
+            self.fast_path_changed()
 
     def snapshot(self) -> dict[str, int | bool | bytes]:
         """The model's state without side effects (no IIR/LSR/MSR/RBR read happens).
@@ -454,6 +456,17 @@ class Uart16550:
             self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_ETBEI
         )
 
+    def fast_rows(self) -> tuple[FastRow, ...]:
+        """While THR writes are plain transmits, the C loop may buffer them (``txbuf``)."""
+        return (_THR_ROW,) if self.tx_fast_path_ok else ()
+
+    def fast_transmitted(self, row: FastRow, data: bytes) -> None:
+        """Bytes the C loop buffered from the THR row: as if each had been written here."""
+        self.accept_transmitted(data)
+
+    def fast_hits(self, row: FastRow, hits: int, last_value: int) -> None:
+        """Nothing to add: the transmitted bytes themselves came through :meth:`fast_transmitted`."""
+
     def accept_transmitted(self, data: bytes) -> None:
         """Account for bytes the guest wrote to THR while the model was away.
 
@@ -472,8 +485,11 @@ class Uart16550:
                 self.write(THR, bytes((value,)))
 
 
+_THR_ROW = FastRow(THR, 1, read="pass", write="txbuf", name="thr")
+
+
 def _check_access(offset: int, size: int) -> None:
     if size < 1 or offset < 0 or offset + size > REGISTER_COUNT:
-        raise ValueError(
+        raise DeviceError(
             f"16550 access of {size} byte(s) at offset {offset} is outside 0..7"
         )

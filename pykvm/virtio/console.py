@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+from pykvm.ratelimit import GuestLog
 from pykvm.virtio import VirtioDevice
 from pykvm.virtio.backends import ConsoleBackend
 from pykvm.virtio.queue import DescriptorChain, SplitVirtqueue, VirtqueueError
@@ -155,6 +156,7 @@ class VirtioConsole(VirtioDevice):
         self.dropped_input = 0  # host input discarded because too much was pending
         self._control_out: deque[bytes] = deque()  # messages waiting for control buffers
         self._backend_errors: set[int] = set()  # ports whose backend failed (logged once)
+        self._log = GuestLog(log)  # lines the driver's behaviour triggers: rate-limited
         for port in self.ports:
             if port.backend is not None:
                 port.backend.start(partial(self.enqueue_input, port=port.id))
@@ -326,7 +328,7 @@ class VirtioConsole(VirtioDevice):
             queue.push(chain, 0)
             used = True
             if len(message) < _CONTROL.size:
-                log.info("%s: short control message (%d bytes) ignored", self.name, len(message))
+                self._log.info("short", "%s: short control message (%d bytes) ignored", self.name, len(message))
                 continue
             self._control_event(*_CONTROL.unpack(message))
         if used:
@@ -335,18 +337,19 @@ class VirtioConsole(VirtioDevice):
     def _control_event(self, port_id: int, event: int, value: int) -> None:
         if event == DEVICE_READY:
             if not value:
-                log.warning("%s: driver reports it failed to set up the device", self.name)
+                self._log.warning("device-ready", "%s: driver reports it failed to set up the device", self.name)
                 return
             for port in self.ports:
                 self._send_control(port.id, DEVICE_ADD, 0)
             return
         if port_id >= len(self.ports):
-            log.info("%s: control event %d for unknown port %d ignored", self.name, event, port_id)
+            self._log.info(("unknown-port", event, port_id),
+                           "%s: control event %d for unknown port %d ignored", self.name, event, port_id)
             return
         port = self.ports[port_id]
         if event == PORT_READY:
             if not value:
-                log.warning("%s: driver failed to add port %d", self.name, port_id)
+                self._log.warning(("port-ready", port_id), "%s: driver failed to add port %d", self.name, port_id)
                 return
             port.ready = True
             if port.is_console:

@@ -60,8 +60,10 @@ from pykvm.virtio import (
     VIRTIO_F_VERSION_1,
     VirtioDevice,
 )
+from pykvm.devices import FastRow
+from pykvm.platform.layout import VIRTIO_MMIO_BASE
+from pykvm.ratelimit import GuestLog
 from pykvm.virtio.queue import GuestMemoryLike, SplitVirtqueue, VirtqueueError
-from pykvm.x86.layout import VIRTIO_MMIO_BASE
 
 log = logging.getLogger("pykvm.virtio.mmio")
 
@@ -127,7 +129,6 @@ _QUEUE_ADDRESS_REGISTERS = {
     QUEUE_DEVICE_HIGH: ("device_addr", 32),
 }
 _ALL_ONES_REGISTERS = {SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH}
-_MAX_LOGGED_ERRORS = 256  # distinct messages logged at WARNING
 
 
 def linux_cmdline(base: int = VIRTIO_MMIO_BASE, irq: int = 5, size: int = MMIO_SIZE,
@@ -182,8 +183,11 @@ class VirtioMmioDevice:
         self.notifications = 0  # queue notifications handled (all paths)
         self.errors = 0  # VirtqueueErrors seen (each set NEEDS_RESET)
         self.last_error: str | None = None
-        self._logged_errors: set[str] = set()
+        self._log = GuestLog(log)  # every line below is the guest's doing: rate-limited
         self._irq_level = False
+        #: The eventfd a C-loop doorbell signals (notify="c"), or -1: then QueueNotify exits to Python.
+        self.doorbell_fd = -1
+        self.fast_path_changed: Callable[[], None] | None = None
         self._clear_registers()
         device.attach(self, self.queues)
 
@@ -254,10 +258,29 @@ class VirtioMmioDevice:
             self._write_register(offset, int.from_bytes(data, "little"))
 
     def _bad_access(self, kind: str, offset: int, size: int) -> None:
-        log.warning(
+        self._log.warning(
+            ("misaligned", kind, offset, size),
             "%s: %d-byte %s at register offset %#x ignored: virtio-mmio registers "
             "take aligned 32-bit accesses (spec 4.2.2.2)", self.name, size, kind, offset,
         )
+
+    # -- the C loop's doorbell ------------------------------------------------------
+
+    def set_doorbell(self, fd: int) -> None:
+        """Let the C loop take QueueNotify writes by signalling eventfd ``fd`` (-1: no more)."""
+        self.doorbell_fd = fd
+        if self.fast_path_changed is not None:
+            self.fast_path_changed()
+
+    def fast_rows(self) -> tuple[FastRow, ...]:
+        """QueueNotify as an eventfd doorbell while one is set (the I/O thread processes every queue)."""
+        if self.doorbell_fd < 0:
+            return ()
+        return (FastRow(QUEUE_NOTIFY, 4, read="pass", write="eventfd", write_fd=self.doorbell_fd,
+                        name="notify"),)
+
+    def fast_hits(self, row: FastRow, hits: int, last_value: int) -> None:
+        """Doorbells C signalled: the notifications themselves are counted when the queues are processed."""
 
     def _read_register(self, offset: int) -> int:
         queue = self._selected_queue()
@@ -330,11 +353,11 @@ class VirtioMmioDevice:
         """May FEATURES_OK be set?  (2.2.1, 6.1: VERSION_1 is required.)"""
         accepted = self.driver_features
         if accepted & ~self.device_features or self._accepted_unknown_page:
-            log.info("%s: driver accepted features not offered (%#x); FEATURES_OK refused",
+            self._log.info("features", "%s: driver accepted features not offered (%#x); FEATURES_OK refused",
                      self.name, accepted & ~self.device_features)
             return False
         if not accepted >> VIRTIO_F_VERSION_1 & 1:
-            log.info("%s: driver did not accept VIRTIO_F_VERSION_1 (legacy driver?); "
+            self._log.info("version", "%s: driver did not accept VIRTIO_F_VERSION_1 (legacy driver?); "
                      "FEATURES_OK refused", self.name)
             return False
         return True
@@ -352,7 +375,7 @@ class VirtioMmioDevice:
         if new & STATUS_FEATURES_OK and not self._features_acceptable():
             new &= ~STATUS_FEATURES_OK
         if new & STATUS_DRIVER_OK and not (self.status | new) & STATUS_FEATURES_OK:
-            log.info("%s: DRIVER_OK without FEATURES_OK; refused", self.name)
+            self._log.info("driver-ok", "%s: DRIVER_OK without FEATURES_OK; refused", self.name)
             new &= ~STATUS_DRIVER_OK
         self.status |= new
         if new & STATUS_DRIVER_OK:
@@ -449,11 +472,7 @@ class VirtioMmioDevice:
         message = str(error)
         self.errors += 1
         self.last_error = message
-        first = message not in self._logged_errors
-        if first and len(self._logged_errors) < _MAX_LOGGED_ERRORS:
-            self._logged_errors.add(message)
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "%s: %s; device needs reset", self.name, message)
+        self._log.warning(message, "%s: %s; device needs reset", self.name, message)
         if self.status & STATUS_DEVICE_NEEDS_RESET:
             return
         self.status |= STATUS_DEVICE_NEEDS_RESET

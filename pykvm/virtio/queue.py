@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-from pykvm.errors import GuestMemoryError, PykvmError
+from pykvm.errors import GuestMemoryError, VirtqueueError
 
 # Descriptor flags (2.7.5).
 VIRTQ_DESC_F_NEXT = 1  # the chain continues in the descriptor at ``next``
@@ -77,16 +77,6 @@ _USED_ELEMENT = struct.Struct("<II")  # id, len
 
 #: Alignment of each area (2.7, table "Virtqueue Part Alignment").
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
-
-
-class VirtqueueError(PykvmError):
-    """The driver broke the virtqueue rules; the device needs a reset.
-
-    Raised for anything a guest can get wrong in a virtqueue: rings or
-    buffers outside guest memory, misaligned rings, bad queue sizes,
-    descriptor loops and over-long chains, indices out of range, nested
-    indirect tables, wrong buffer directions.  It never means a host bug.
-    """
 
 
 class GuestMemoryLike(Protocol):
