@@ -1,18 +1,36 @@
-"""Guest image loaders: flat binary, ELF, Multiboot.
+"""Guest image loaders: flat binaries, ELF, Multiboot v1, Linux bzImage, PVH.
 
-A loader reads an image and returns a ``LoadPlan``: which bytes go to which
-guest-physical addresses, the CPU mode and entry point, and any register the
-boot protocol defines.  Plans are pure values (no VM involved), so a
-malformed image is caught with a ``LoaderError`` before guest memory is
-touched, and loaders are tested with hostile input and no KVM.
+A loader reads an ``ImageSource`` (a file read lazily, or bytes) and returns
+a ``LoadPlan``: which guest-physical ranges to fill with which file ranges
+or generated boot data, the CPU state the protocol starts in, the entry
+point and the registers it defines.  Plans are pure values (no VM), built
+against the ``MemoryMap`` the platform describes, so a malformed image, or
+one that does not fit, is refused with a one-line ``LoaderError`` before
+guest memory is touched, and loaders are tested with hostile input and no
+KVM.
 
-``plan_image`` picks the format: an ELF header, else a Multiboot header in
-the first 8 KiB, else a flat binary.
+========  ===============================================  ======================
+module    what                                             spec
+========  ===============================================  ======================
+source    ImageSource: lazy, bounded reads                 -
+plan      Segment, MemoryMap, LoadPlan, check_fits         -
+space     free guest RAM; lowest/highest placement         -
+bootdata  C strings, modules, one block of boot data       -
+flat      flat binaries                                    -
+elf       ELF headers, PT_LOAD, PT_NOTE                    System V gABI
+multiboot Multiboot v1 kernels and boot information        Multiboot 0.6.96 s. 3
+linux     bzImage, boot_params, the 32/64-bit entries      Linux boot.rst
+pvh       PVH ELF note, hvm_start_info v1                  Xen pvh.pandoc
+detect    plan_image, format detection in QEMU's order     hw/i386/x86.c
+========  ===============================================  ======================
 """
 
 from __future__ import annotations
 
-from pykvm.loaders.plan import LoadPlan, Segment
-from pykvm.loaders.detect import detect_format, plan_image
+from pykvm.loaders.bootdata import Module, split_initrd
+from pykvm.loaders.detect import FORMATS, detect_format, plan_image
+from pykvm.loaders.plan import CPU_STATES, LoadPlan, MemoryMap, Segment
+from pykvm.loaders.source import ImageSource
 
-__all__ = ["LoadPlan", "Segment", "detect_format", "plan_image"]
+__all__ = ["CPU_STATES", "FORMATS", "ImageSource", "LoadPlan", "MemoryMap", "Module", "Segment", "detect_format",
+           "plan_image", "split_initrd"]
