@@ -13,6 +13,7 @@ come.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,9 @@ from typing import Callable
 
 @dataclass(eq=False)
 class Watch:
-    """One armed run: whom to kick, when, and whether to flush output."""
+    """One armed run: how to kick it, when, and whether to flush output."""
 
-    kick: Callable[[int], None]
-    thread_id: int
+    kick: Callable[[], None]
     deadline: float | None
     output_pending: Callable[[], bool] | None
     interval: float
@@ -40,10 +40,19 @@ class Watchdog:
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
 
-    def arm(self, kick: Callable[[int], None], thread_id: int, deadline: float | None,
+    def arm(self, kick: Callable[[], None], deadline: float | None,
             output_pending: Callable[[], bool] | None = None, interval: float = 0.05) -> Watch:
-        """Watch a run of ``thread_id``; ``watch.timed_out`` is set if the deadline kicked it."""
-        watch = Watch(kick, thread_id, deadline, output_pending, interval)
+        """Watch a run; ``kick()`` makes it leave KVM_RUN; ``watch.timed_out`` is set if the deadline kicked it.
+
+        ``deadline`` is a ``time.perf_counter()`` value or None; a NaN or
+        infinite deadline, or a non-positive ``interval``, is refused with
+        ``ValueError`` (the thread could never compute a wait from it).
+        """
+        if deadline is not None and not math.isfinite(deadline):
+            raise ValueError(f"the deadline must be a finite time, not {deadline!r}")
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"the flush interval must be a positive number of seconds, not {interval!r}")
+        watch = Watch(kick, deadline, output_pending, interval)
         if deadline is None and output_pending is None:
             return watch  # nothing to do: not even the thread is needed
         watch.next_flush = time.perf_counter() + interval
@@ -80,11 +89,11 @@ class Watchdog:
                     if w.deadline is not None and now >= w.deadline:
                         w.timed_out.set()
                         self._watches.discard(w)
-                        w.kick(w.thread_id)
+                        w.kick()
                     elif w.output_pending is not None and now >= w.next_flush:
                         w.next_flush = now + w.interval
                         if w.output_pending():
-                            w.kick(w.thread_id)
+                            w.kick()
 
 
 _shared: Watchdog | None = None

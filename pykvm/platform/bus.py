@@ -16,59 +16,25 @@ Rules:
   runs past its end is treated as unmapped, like an access to nothing.
 * An unmapped read returns all-ones (an undriven bus floats high) and an
   unmapped write is dropped.  Each new address is logged once at WARNING on
-  the ``pykvm.bus`` logger, repeats at DEBUG.  On a strict bus, an unmapped
-  access raises :class:`UnmappedAccess` instead.
+  the ``pykvm.bus.pio`` / ``pykvm.bus.mmio`` logger (rate-limited:
+  ``pykvm.ratelimit``), repeats at DEBUG.  On a strict bus, an unmapped
+  access raises :class:`~pykvm.errors.UnmappedAccess` instead.
 """
 
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from pykvm.devices import Device
+from pykvm.errors import BusError, UnmappedAccess, describe_access
+from pykvm.ratelimit import GuestLog
 
-log = logging.getLogger("pykvm.bus")
+__all__ = ["ADDRESS_SPACE_SIZE", "Bus", "BusError", "BusRange", "UnmappedAccess"]
 
 #: Size of each address space: 16-bit I/O ports, 64-bit physical addresses.
 ADDRESS_SPACE_SIZE = {"pio": 1 << 16, "mmio": 1 << 64}
-
-# Unmapped addresses remembered for rate-limited logging; a guest probing a
-# whole address space must not grow this set without bound.
-_MAX_WARNED_ADDRESSES = 4096
-
-
-class BusError(ValueError):
-    """A range cannot be registered (or unregistered) as asked."""
-
-
-class UnmappedAccess(Exception):
-    """The guest accessed an address no device answers, on a strict bus."""
-
-    def __init__(
-        self, kind: str, address: int, size: int, is_write: bool, rip: int | None = None
-    ) -> None:
-        self.kind = kind
-        self.address = address
-        self.size = size
-        self.is_write = is_write
-        self.rip = rip
-        super().__init__(describe_access(kind, address, size, is_write, rip))
-
-
-def describe_access(
-    kind: str, address: int, size: int, is_write: bool, rip: int | None = None
-) -> str:
-    """Say "unmapped PIO write to port 0x1234 (1 byte) at RIP 0x100012"."""
-    direction = "write to" if is_write else "read from"
-    where = "port" if kind == "pio" else "address"
-    plural = "" if size == 1 else "s"
-    text = f"unmapped {kind.upper()} {direction} {where} {address:#x}"
-    text += f" ({size} byte{plural})"
-    if rip is not None:
-        text += f" at RIP {rip:#x}"
-    return text
 
 
 class BusRange(NamedTuple):
@@ -113,7 +79,7 @@ class Bus:
         self._limit = ADDRESS_SPACE_SIZE[kind]
         self._bases: list[int] = []  # sorted; parallel to _ranges
         self._ranges: list[BusRange] = []
-        self._warned: set[int] = set()
+        self._log = GuestLog(f"pykvm.bus.{kind}")
         self._cache: dict[int, BusRange | None] = {}
 
     # -- registration ---------------------------------------------------------
@@ -233,12 +199,9 @@ class Bus:
         if self.strict:
             raise UnmappedAccess(self.kind, address, size, is_write, rip)
         # Guests probe for hardware (Linux reads dozens of absent ports at
-        # boot): warn once per address so the log stays readable.
-        if address in self._warned or len(self._warned) >= _MAX_WARNED_ADDRESSES:
-            level = logging.DEBUG
-        else:
-            self._warned.add(address)
-            level = logging.WARNING
-        if log.isEnabledFor(level):
-            message = describe_access(self.kind, address, size, is_write, rip)
-            log.log(level, "%s", message)
+        # boot): warn once per address, and at a bounded rate.
+        self._log.warning(address, "%s", describe_access(self.kind, address, size, is_write, rip))
+
+    def count(self, name: str, accesses: int) -> None:
+        """Add accesses to ``name``'s counter that reached its device another way (the C loop)."""
+        self.stats[name] = self.stats.get(name, 0) + accesses

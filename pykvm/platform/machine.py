@@ -1,0 +1,456 @@
+"""``Machine``: a VM with its memory, vCPU, buses, devices and loader, composed.
+
+This is the layer most users touch::
+
+    with Machine(memory="64M") as m:
+        m.load_guest("hello64")
+        result = m.run(timeout=5)
+        print(result.serial_text, result.ended)
+
+``Machine`` owns the lifecycle and the public API; each concept lives in a
+module of its own and is only put together here:
+
+* the guest-physical layout and every port: ``pykvm.platform.layout``;
+* the default PC devices and COM1's output: ``pykvm.platform.pc``;
+* the buses: ``pykvm.platform.bus``; the C loop's table the devices offer:
+  ``pykvm.platform.fastpath``; coalesced zones: ``pykvm.platform.coalesced``;
+* the one vCPU run loop: ``pykvm.platform.vcpu_loop``; the watchdog that
+  kicks it: ``pykvm.platform.watchdog``;
+* virtio devices and their eventfds: ``pykvm.platform.virtio_wiring``;
+* where pykvm's own CPU tables go: ``pykvm.platform.cpu_tables``;
+* run results and accounting: ``pykvm.platform.results``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from pykvm.errors import LoaderError
+from pykvm._native_loader import lib
+from pykvm.memory import GuestMemory, parse_size
+from pykvm.platform import layout
+from pykvm.platform.bus import Bus
+from pykvm.platform.coalesced import CoalescedZones
+from pykvm.platform.cpu_tables import place_tables
+from pykvm.platform.fastpath import FastPath
+from pykvm.platform.pc import SerialCapture, add_pc_devices
+from pykvm.platform.results import REGISTER_NAMES, RunAccounting, RunResult
+from pykvm.platform.vcpu_loop import VcpuLoop, VcpuStop
+from pykvm.platform.virtio_wiring import VirtioSlot, VirtioWiring
+from pykvm.platform.watchdog import shared_watchdog
+from pykvm.system import Kvm
+
+__all__ = ["Machine", "RunResult", "VirtioSlot", "check_timeout"]
+
+MIN_MEMORY = 2 << 20
+MAX_MEMORY = 64 << 30
+
+_cpuid_cache: dict[str, object] = {}
+
+
+def _supported_cpuid(kvm: Kvm):
+    """KVM_GET_SUPPORTED_CPUID, asked once per process and device: the answer never changes."""
+    if kvm.path not in _cpuid_cache:
+        _cpuid_cache[kvm.path] = kvm.supported_cpuid()
+    return _cpuid_cache[kvm.path]
+
+
+def _round_up(size: int, page: int = layout.PAGE_SIZE) -> int:
+    return (size + page - 1) // page * page
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A run's timeout: None, or a finite number of seconds > 0 (NaN, infinities and negatives refused)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds above 0, not {timeout!r}")
+    return float(timeout)
+
+
+class Machine:
+    """One VM with one vCPU, its memory, buses and devices.
+
+    ``memory``: RAM size (``"64M"``, ``"1G"`` or bytes), mapped from
+    guest-physical 0 (split around the MMIO hole above 3 GiB).
+    ``strict``: an access to an unmapped port/address stops the run.
+    ``c_loop``: let the C loop handle the devices' hot paths (False sends
+    every exit to Python, for comparison).  ``irqchip``: create the
+    in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts).
+    ``serial``: a callable receiving the guest's COM1 bytes as they come
+    (the result keeps them too).
+    """
+
+    def __init__(
+        self,
+        memory: str | int = "64M",
+        *,
+        strict: bool = False,
+        c_loop: bool = True,
+        irqchip: bool = False,
+        serial: Callable[[bytes], None] | None = None,
+        kvm: Kvm | None = None,
+    ) -> None:
+        self.memory_size = parse_size(memory)
+        if self.memory_size < MIN_MEMORY:
+            raise ValueError("memory must be at least 2M (pykvm keeps its tables below 1 MiB)")
+        if self.memory_size > MAX_MEMORY:
+            raise ValueError("memory larger than 64G is not supported")
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
+        self.virtio: VirtioWiring | None = None
+        self.irqchip = irqchip
+        self.pio = Bus("pio", strict=strict)
+        self.mmio = Bus("mmio", strict=strict)
+        self.fastpath = FastPath(self.pio, self.mmio)
+        self.extra_fast_ranges: list = []  # rows no device owns (labs, benchmarks): absolute FastRanges
+        self.loaded: dict | None = None
+        self._lock = threading.Lock()  # close() against itself
+        self._closed = False
+        try:
+            self.vm = self.kvm.create_vm()
+            self.memory = GuestMemory(self.vm)
+            for base, size in layout.ram_regions(self.memory_size):
+                self.memory.add_region(base, _round_up(size))
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.coalesced = CoalescedZones(self.vm, self.pio, self.mmio, self.fastpath)
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
+            self.loop = VcpuLoop(self.vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
+                                 describe_cpu=self.describe_cpu)
+            self.loop.c_loop = c_loop
+            if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
+                self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
+            self.virtio = VirtioWiring(self.vm, self.memory, irqchip=irqchip, add_device=self.add_device,
+                                       remove_device=self._remove_device, irq_line=self._irq_line)
+            capture = SerialCapture(serial, on_error=self._output_failed)
+            self.pc = add_pc_devices(self.add_device, self._irq_line, capture)
+        except BaseException:
+            self.close()
+            raise
+        self._output_error: str | None = None
+
+    # -- the default devices -----------------------------------------------------
+    @property
+    def serial(self):
+        """COM1's 16550 (``pykvm.devices.Uart16550``)."""
+        return self.pc.serial
+
+    @property
+    def debug_exit(self):
+        return self.pc.debug_exit
+
+    @property
+    def post(self):
+        return self.pc.post
+
+    @property
+    def i8042(self):
+        return self.pc.i8042
+
+    @property
+    def c_loop(self) -> bool:
+        return self.loop.c_loop
+
+    @property
+    def iothread(self):
+        """The I/O thread serving virtio eventfds (None until a device needs one)."""
+        return self.virtio.iothread if self.virtio is not None else None
+
+    # -- ownership -----------------------------------------------------------------
+    def close(self) -> None:
+        """Stop a run in progress (from another thread too), then close everything, in order.
+
+        The vCPU goes first (closing it kicks a running loop and waits for it
+        to return), then the virtio devices and the I/O thread (their
+        handlers touch guest memory), the stats fd, guest memory, the VM and
+        (if owned) /dev/kvm.  Safe to call twice.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.vcpu is not None:
+            self.vcpu.close()
+        if self.virtio is not None:
+            self.virtio.close()
+        if self.vcpu_stats is not None:
+            self.vcpu_stats.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- devices -----------------------------------------------------------------------
+    def add_device(self, device, *, port: int | None = None, mmio: int | None = None, length: int | None = None,
+                   name: str | None = None) -> None:
+        """Register ``device`` on the PIO bus (``port=``) or the MMIO bus (``mmio=``)."""
+        if (port is None) == (mmio is None):
+            raise ValueError("give exactly one of port= or mmio=")
+        length = length or getattr(device, "length", None)
+        if not length:
+            raise ValueError("give length= (the device has no 'length' attribute)")
+        bus, base = (self.pio, port) if port is not None else (self.mmio, mmio)
+        bus.register(base, length, device, name)
+        self.fastpath.adopt(device)
+
+    def _remove_device(self, device) -> None:
+        for bus in (self.pio, self.mmio):
+            if any(r.device is device for r in bus):
+                bus.unregister(device)
+        self.fastpath.changed()
+
+    def _irq_line(self, irq: int) -> Callable[[bool], None]:
+        """The KVM_IRQ_LINE callable for GSI ``irq`` (does nothing without an irqchip)."""
+        def raise_line(level: bool) -> None:
+            if self.irqchip:
+                self.vm.irq_line(irq, int(level))
+        return raise_line
+
+    def _output_failed(self, why: str) -> None:
+        """COM1's sink failed: end the run (the result's message says why)."""
+        self._output_error = why
+        self.loop.request_stop("output-error")
+
+    def fast_ranges(self) -> list:
+        """The C loop's table for the devices' current state (absolute rows)."""
+        self._sync_extra_rows()
+        return self.fastpath.rows()
+
+    def _sync_extra_rows(self) -> None:
+        if tuple(self.extra_fast_ranges) != self.fastpath.extra:
+            self.fastpath.extra = self.extra_fast_ranges
+
+    # -- virtio devices and I/O handled in the kernel ----------------------------------
+    def add_virtio_console(self, backend=None, *, base: int | None = None, irq: int | None = None,
+                           notify: str = "python", interrupt: str = "irq_line", name: str | None = None,
+                           **console_options):
+        """Add a virtio-console on virtio-mmio; return ``(console, transport)``.
+
+        ``backend`` is the console's host side (``pykvm.virtio.backends``;
+        None discards output and gives no input); ``console_options`` go to
+        :class:`pykvm.virtio.VirtioConsole`.  The machine owns the console:
+        ``close()`` closes it and its backend.  The other arguments are
+        :meth:`add_virtio`'s.
+        """
+        from pykvm.virtio import VirtioConsole
+
+        console = VirtioConsole(backend, **console_options)
+        try:
+            transport = self.add_virtio(console, base=base, irq=irq, notify=notify, interrupt=interrupt,
+                                        name=name)
+        except BaseException:
+            console.close()
+            raise
+        return console, transport
+
+    def add_virtio(self, device, *, base: int | None = None, irq: int | None = None, notify: str = "python",
+                   interrupt: str = "irq_line", name: str | None = None):
+        """Put virtio ``device`` behind a virtio-mmio window; return its transport.
+
+        ``base``: the window's guest-physical address (default 0xd0000000,
+        then the next free 0x200); ``irq``: its line (default: the first
+        free of 5, 6, 7, 10, 11, 16-23).  ``notify`` (``"python"``, ``"c"``,
+        ``"ioeventfd"``) and ``interrupt`` (``"irq_line"``, ``"irqfd"``) are
+        explained in ``pykvm.platform.virtio_wiring``.
+        """
+        return self.virtio.add(device, base=base, irq=irq, notify=notify, interrupt=interrupt, name=name)
+
+    @property
+    def virtio_devices(self) -> list[VirtioSlot]:
+        """The virtio devices added, with their base, IRQ and notification paths."""
+        return list(self.virtio.slots)
+
+    def virtio_cmdline(self) -> str:
+        """The Linux parameters that declare this machine's virtio-mmio devices (``virtio_mmio.device=...``)."""
+        return self.virtio.cmdline()
+
+    def add_coalesced_zone(self, *, port: int | None = None, mmio: int | None = None, length: int) -> None:
+        """Let KVM buffer guest writes to a range in the coalesced ring instead of exiting.
+
+        KVM_REGISTER_COALESCED_MMIO (``port=``: a port range, needs
+        KVM_CAP_COALESCED_PIO).  Reads still exit.  The writes reach the
+        devices, oldest first, whenever KVM_RUN returns and at the end of a
+        run (``pykvm.platform.coalesced``).  Only writes whose sole effect is
+        the data (e.g. a UART's THR while it is a plain transmit) may be
+        coalesced.  Register zones before ``run()``.
+        """
+        if (port is None) == (mmio is None):
+            raise ValueError("give exactly one of port= or mmio=")
+        self.coalesced.add(port if port is not None else mmio, length, pio=port is not None)
+
+    # -- loading -------------------------------------------------------------------------
+    def memory_map(self):
+        """What loaders are told about this machine's memory (``pykvm.loaders.MemoryMap``)."""
+        from pykvm.loaders import MemoryMap
+
+        ram = tuple((base, _round_up(size)) for base, size in layout.ram_regions(self.memory_size))
+        reserved = ((0, layout.PAGE_SIZE), (layout.EBDA_ADDR, layout.BIOS_AREA_END - layout.EBDA_ADDR))
+        return MemoryMap(ram=ram, e820=tuple(layout.e820_map(self.memory_size)), reserved=reserved)
+
+    def load_guest(self, name: str, args: tuple[int, int] = (0, 0)) -> dict:
+        """Load a shipped guest (``pykvm guests``) and put the vCPU in its CPU mode."""
+        from pykvm import guests
+
+        info = guests.info(name)
+        return self.load_image(guests.path(name), format="flat", mode=info.mode, load_addr=info.load_addr,
+                               args=args, name=name)
+
+    def load_image(self, image, *, format: str = "auto", mode: str | None = None, load_addr: int | None = None,
+                   entry: int | None = None, args: tuple[int, int] = (0, 0), cmdline: str = "",
+                   modules: Sequence = (), name: str | None = None) -> dict:
+        """Load an image (bytes or a path; see ``pykvm.loaders``) and set up the CPU state it starts in.
+
+        Flat images go to ``load_addr`` (default 0x100000, 0x8000 in real
+        mode) and start in ``mode`` (default ``long``).  ``cmdline`` and
+        ``modules`` (paths, bytes or ``ImageSource``) go to Multiboot and
+        Linux kernels.  Nothing is written to guest memory unless the whole
+        plan fits; files are read only as far as the plan needs.
+        """
+        from pykvm.loaders import ImageSource, plan_image
+
+        opened: list = []
+
+        def source_of(item, label: str):
+            if isinstance(item, ImageSource):
+                return item
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                src = ImageSource.from_bytes(item, label)
+            else:
+                src = ImageSource.open(item)
+            opened.append(src)
+            return src
+
+        try:
+            kernel = source_of(image, name or "<image>")
+            module_sources = [source_of(m, f"module {i + 1}") for i, m in enumerate(modules)]
+            memory_map = self.memory_map()
+            plan = plan_image(kernel, memory_map=memory_map, format=format, mode=mode, load_addr=load_addr,
+                              entry=entry, cmdline=cmdline, modules=module_sources,
+                              kernel_name=name or kernel.name)
+            cpu = self._prepare_cpu(plan, memory_map)  # before any write: it may refuse
+            for seg in plan.segments:
+                if seg.memsize:
+                    seg.fill(self.memory.view(seg.gpa, seg.memsize))
+            setup = self._start_cpu(plan, cpu, args)
+        finally:
+            for src in opened:
+                src.close()
+        size = sum(s.memsize for s in plan.segments if s.what.startswith("kernel") or s.what in ("image", ""))
+        self.loaded = {"name": name or os.path.basename(kernel.name), "format": plan.format, "cpu": plan.cpu,
+                       "mode": plan.cpu, "entry": plan.entry,
+                       "load_addr": min((s.gpa for s in plan.segments if s.memsize), default=0),
+                       "size": size, "setup": setup, "notes": plan.notes}
+        return self.loaded
+
+    def _prepare_cpu(self, plan, memory_map):
+        """Where pykvm's tables go for this plan (None when the protocol needs none)."""
+        from pykvm.x86.modes import MODES
+
+        cpu = plan.cpu if plan.cpu in MODES else "protected" if plan.cpu in ("multiboot32", "pvh32") else None
+        if cpu is None:
+            raise LoaderError(f"pykvm cannot start a kernel in the {plan.cpu} boot state yet")
+        return cpu, place_tables(cpu, plan.occupied(), memory_map.ram, memory_map.reserved)
+
+    def _start_cpu(self, plan, cpu, args):
+        from pykvm.x86.modes import setup_mode
+
+        cpu, tables = cpu
+        done = setup_mode(cpu, self.vcpu, self.memory, entry=plan.entry, args=args, tables=tables)
+        if plan.regs:
+            regs = self.vcpu.get_regs()
+            for reg, value in plan.regs.items():
+                setattr(regs, reg, value)
+            self.vcpu.set_regs(regs)
+        return done
+
+    # -- running -----------------------------------------------------------------------
+    def feed_serial(self, data: bytes) -> None:
+        """Queue host input for COM1; safe from any thread (the vCPU takes it before re-entering)."""
+        data = bytes(data)
+        self.loop.post(lambda: self.serial.enqueue_input(data))
+
+    def request_stop(self, reason: str = "paused") -> None:
+        """Ask a running ``run()`` to return soon with ``ended == reason``; safe from any thread.
+
+        The monitor's ``stop`` uses it; ``run()`` again continues the guest
+        where it stopped.  Asked between runs, the next run returns at once.
+        """
+        self.loop.request_stop(reason)
+
+    def cancel_stop(self) -> None:
+        """Forget a ``request_stop()`` that came after the run had already ended for another reason."""
+        self.loop.cancel_stop()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN now (it goes back in unless a stop is due)."""
+        self.loop.kick()
+
+    def run(self, timeout: float | None = None, *, flush_interval: float = 0.05) -> RunResult:
+        """Run the guest until it stops, fails, times out or Ctrl-C; return a ``RunResult``.
+
+        ``timeout`` (seconds, finite and > 0, or None): the process's
+        watchdog (``pykvm.platform.watchdog``) kicks the vCPU out of KVM_RUN
+        then; while a serial sink is attached it also kicks every
+        ``flush_interval`` seconds while the C loop holds output, so the sink
+        sees it promptly.  ``close()`` from another thread ends the run
+        (``ended == "closed"``).  Never raises for anything the guest does;
+        host errors (KvmError) propagate.
+        """
+        timeout = check_timeout(timeout)
+        self._sync_extra_rows()
+        with self.vcpu.running():
+            accounting = RunAccounting([self.loop], [self.vcpu_stats])
+            deadline = None if timeout is None else accounting.started + timeout
+            state = self.loop.cloop.state
+            pending = (lambda: bool(state.txlen)) if self.pc.capture.sink is not None else None
+            watchdog = shared_watchdog()
+            watch = watchdog.arm(self.loop.kick, deadline, pending, flush_interval)
+            try:
+                stop = self.loop.run(watch=watch)
+            except KeyboardInterrupt:
+                stop = VcpuStop("interrupted", None, "stopped by Ctrl-C")
+                self.loop.finish()
+            finally:
+                watchdog.disarm(watch)
+            return self._result(accounting, stop)
+
+    def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:
+        ended, status, message = stop.reason, stop.status, stop.message
+        if ended == "output-error":
+            message = self._output_error or "serial output failed"
+        if ended == "debug-exit" and status is None:
+            status = self.debug_exit.exit_status
+        capture = self.pc.capture
+        if capture.dropped:
+            message = (message + "\n" if message else "") + f"{capture.dropped} serial bytes not kept"
+        regs = {}
+        if not self.vcpu.closing:
+            values = self.vcpu.get_regs()
+            regs = {name: getattr(values, name) for name in REGISTER_NAMES}
+        return accounting.result(ended, status, message, stop.exit, bytes(capture.data), regs)
+
+    def describe_cpu(self) -> str:
+        """Register dump and the instruction bytes at RIP (for error reports)."""
+        from pykvm.x86.cpu_view import describe
+
+        try:
+            return describe(self.vcpu, self.memory)
+        except Exception as exc:  # a report must never hide the original problem
+            return f"(register dump unavailable: {exc})"
