@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pykvm.host import hardware_virtualization, in_virtual_machine, nested_kvm_module
+
 # Capabilities pykvm relies on (required) or uses when present (optional),
 # with what each one is for.
 CAPABILITIES = [
@@ -49,33 +51,13 @@ class CheckLine:
         return f"  [{mark}] {self.label}: {self.detail}"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def nested_kvm_module() -> str | None:
-    """The name of a nested-KVM module if one provides /dev/kvm (kvm_pvm)."""
-    for name in ("kvm_pvm",):
-        if os.path.isdir(f"/sys/module/{name}"):
-            return name
-    return None
-
-
 def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
     """Return (usable, report lines)."""
     lines: list[str] = []
     checks: list[CheckLine] = []
-    flags = cpu_flags()
-    hw = "vmx (Intel VT-x)" if "vmx" in flags else "svm (AMD-V)" if "svm" in flags else None
+    hw = hardware_virtualization()
     nested = nested_kvm_module()
-    in_vm = "hypervisor" in flags
+    in_vm = in_virtual_machine()
     checks.append(CheckLine(bool(hw) or bool(nested), "CPU virtualization",
                             hw or ("none visible; /dev/kvm comes from " + nested if nested else "no vmx/svm flag"),
                             required=False))
@@ -127,12 +109,13 @@ def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
 
 def probe_modes(device: str = "/dev/kvm") -> list[str]:
     """Measure, on scratch VMs, which CPU modes and which guest-debugging features work here."""
-    from pykvm.errors import PykvmError
+    from pykvm.errors import ModeNotSupported, PykvmError
+    from pykvm.inspect.debug_support import debug_support
     from pykvm.memory import GuestMemory
+    from pykvm.platform.cpu_tables import GUEST_TABLES
+    from pykvm.platform.layout import load_address
     from pykvm.system import Kvm
-    from pykvm.trace import debug_support
-    from pykvm.x86.layout import MODES, load_address
-    from pykvm.x86.modes import ModeNotSupported, setup_mode
+    from pykvm.x86.modes import MODES, setup_mode
 
     lines = ["CPU modes and guest debugging (measured on scratch VMs):"]
     with Kvm(device) as kvm:
@@ -143,7 +126,7 @@ def probe_modes(device: str = "/dev/kvm") -> list[str]:
                 with vm.create_vcpu(0) as vcpu:
                     vcpu.set_cpuid2(cpuid)
                     try:
-                        setup_mode(mode, vcpu, memory, entry=load_address(mode))
+                        setup_mode(mode, vcpu, memory, entry=load_address(mode), tables=GUEST_TABLES)
                     except ModeNotSupported as exc:
                         lines.append(f"  {mode:<10} cannot run: {exc}")
                         continue

@@ -1,4 +1,4 @@
-"""A QEMU-style monitor for a running :class:`~pykvm.machine.Machine`.
+"""A QEMU-style monitor for a running :class:`~pykvm.platform.machine.Machine`.
 
 ``pykvm run ... -monitor stdio`` gives a ``(pykvm)`` prompt; so does
 ``--monitor-script FILE`` for a file of commands (answers on stdout; the
@@ -28,10 +28,8 @@ Addresses are numbers (``0x100000``, ``1048576``) or registers (``$rip``,
 pause it for the moment they need, as QEMU's do.
 
 :class:`Monitor` needs no terminal: ``execute(line)`` returns the answer, so
-tests feed lines and check what comes back.  :class:`ConsoleMux` shares one
-terminal between the guest's serial console and the monitor the way QEMU's
-``-nographic`` does: ``Ctrl-a c`` switches, ``Ctrl-a x`` quits, ``Ctrl-a h``
-helps, ``Ctrl-a Ctrl-a`` sends a Ctrl-a to the guest.
+tests feed lines and check what comes back.  ``pykvm.inspect.console_mux``
+shares one terminal between the guest's serial console and the monitor.
 """
 
 from __future__ import annotations
@@ -41,19 +39,20 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from pykvm.trace import (
-    Stop, TraceError, Tracer, disassemble, format_breakpoint, format_mode, format_step, format_stop,
-)
+from pykvm.errors import MonitorError, TraceError
+from pykvm.inspect.registers import dump_registers
+from pykvm.inspect.trace_format import format_breakpoint, format_mode, format_step, format_stop
+from pykvm.inspect.tracer import Stop, Tracer
 from pykvm.x86 import bits
+from pykvm.x86.cpu_view import code_bits, read_linear
+from pykvm.x86.disasm import disassemble
 
 if TYPE_CHECKING:
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
-__all__ = ["Monitor", "MonitorError", "ConsoleMux", "dump_registers", "describe_cr3", "describe_debugregs",
-           "parse_address", "PROMPT", "HELP"]
+__all__ = ["Monitor", "MonitorError", "parse_address", "wait_until_stopped", "PROMPT", "HELP"]
 
 PROMPT = "(pykvm) "
-CTRL_A = 0x01
 
 HELP = """\
 info registers|cpus|mem|stats|break|status
@@ -65,80 +64,6 @@ quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
 _PAUSE_REASON = "monitor"  # request_stop reason for the monitor's own short pauses
-
-
-class MonitorError(Exception):
-    """A command the monitor cannot carry out; its text is the answer."""
-
-
-# ---------------------------------------------------------------------------
-# Register dumps
-# ---------------------------------------------------------------------------
-
-
-def describe_cr3(sregs) -> str:
-    """What CR3 points at in the current paging mode, with its PWT/PCD/PCID bits."""
-    from pykvm.x86.paging import paging_mode_of
-
-    cr3 = sregs.cr3
-    mode = paging_mode_of(sregs.cr0, sregs.cr4, sregs.efer)
-    if mode == "none":
-        return f"cr3 {cr3:#x}: paging is off (CR0.PG=0), CR3 unused"
-    if mode in ("4level", "5level"):
-        root = "PML5" if mode == "5level" else "PML4"
-        base = cr3 & bits.PTE_ADDR_MASK
-    elif mode == "pae":
-        root, base = "PDPT", cr3 & bits.CR3_PAE_ADDR_MASK
-    else:
-        root, base = "page directory", cr3 & bits.PTE32_ADDR_MASK
-    extra = []
-    if sregs.cr4 & bits.CR4_PCIDE:
-        extra.append(f"PCID {cr3 & 0xFFF}")
-    else:
-        if cr3 & bits.PTE_PWT:
-            extra.append("PWT")
-        if cr3 & bits.PTE_PCD:
-            extra.append("PCD")
-    tail = f" [{' '.join(extra)}]" if extra else ""
-    return f"cr3 {cr3:#x}: {mode} paging, {root} at {base:#x}{tail}"
-
-
-_DR7_RW = {0: "exec", 1: "write", 2: "io", 3: "rw"}
-_DR7_LEN = {0: 1, 1: 2, 2: 8, 3: 4}
-
-
-def describe_debugregs(debugregs) -> str:
-    """DR0-DR3 with DR7's enables and conditions; DR6's hit bits."""
-    dr7, dr6 = debugregs.dr7, debugregs.dr6
-    parts = []
-    for i in range(4):
-        enabled = [name for name, bit in (("L", 2 * i), ("G", 2 * i + 1)) if dr7 >> bit & 1]
-        if enabled or debugregs.db[i]:
-            rw = _DR7_RW[(dr7 >> (16 + 4 * i)) & 3]
-            length = _DR7_LEN[(dr7 >> (18 + 4 * i)) & 3]
-            state = "".join(enabled) or "off"
-            parts.append(f"dr{i} {debugregs.db[i]:#x} {rw}/{length} {state}")
-    hits = [f"B{i}" for i in range(4) if dr6 >> i & 1] + (["BS"] if dr6 >> 14 & 1 else [])
-    line = f"dr6 {dr6:#x}{' [' + ' '.join(hits) + ']' if hits else ''}  dr7 {dr7:#x}"
-    return "debug: " + ("; ".join(parts) + "; " if parts else "no guest breakpoints; ") + line
-
-
-def dump_registers(vcpu, memory) -> str:
-    """Everything ``info registers`` shows: GPRs, RFLAGS, control registers,
-    EFER, CR3's table, segments (with descriptors decoded), mode and CPL,
-    debug registers, and the instruction at RIP."""
-    from pykvm.cpustate import format_code_at_rip
-    from pykvm.x86.state import format_regs, format_sregs
-
-    regs = vcpu.get_regs()
-    sregs = vcpu.get_sregs()
-    lines = [format_regs(regs), format_sregs(sregs), describe_cr3(sregs)]
-    try:
-        lines.append(describe_debugregs(vcpu.get_debugregs()))
-    except OSError as exc:
-        lines.append(f"debug: KVM_GET_DEBUGREGS failed: {exc}")
-    lines.append(format_code_at_rip(vcpu, memory, regs, sregs))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +355,7 @@ class Monitor:
         return self._with_vcpu(read)
 
     def _info_mem(self) -> str:
-        from pykvm.translate import format_mappings, mappings
+        from pykvm.inspect.translate import format_mappings, mappings
 
         def read() -> str:
             sregs = self.machine.vcpu.get_sregs()
@@ -446,7 +371,7 @@ class Monitor:
     def _info_stats(self) -> str:
         from pykvm.exits import REASON_NAMES
 
-        counters = self.machine.loop.counters()
+        counters = self.machine.loop.cloop.counters()
         lines = ["exits that reached user space (total = C loop + Python):"]
         user_total = 0
         for reason, c in sorted(counters["exits"].items(), key=lambda kv: REASON_NAMES.get(kv[0], str(kv[0]))):
@@ -499,8 +424,6 @@ class Monitor:
             raise MonitorError("at most 4096 units at a time")
 
         def read() -> str:
-            from pykvm.cpustate import code_bits, read_virtual
-
             vcpu, memory = self.machine.vcpu, self.machine.memory
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
             address = parse_address(rest, regs)
@@ -509,7 +432,7 @@ class Monitor:
                 if physical:
                     data = _read_physical(memory, address, want)
                 else:
-                    data = read_virtual(memory, sregs, address, want)
+                    data = read_linear(memory, sregs, address, want)
                 if not data:
                     raise MonitorError(f"Cannot access memory at {address:#x}")
                 nbits = code_bits(sregs)
@@ -521,7 +444,7 @@ class Monitor:
                     return f"{address:#018x}:  {data[:1].hex()}  (bad)"
                 return "\n".join(f"{i.linear:#018x}:  {i.raw.hex(' '):<24} {i.text}" for i in insns)
             want = count * size
-            data = _read_physical(memory, address, want) if physical else read_virtual(memory, sregs, address, want)
+            data = _read_physical(memory, address, want) if physical else read_linear(memory, sregs, address, want)
             if len(data) < size:
                 raise MonitorError(f"Cannot access memory at {address:#x}")
             units = [data[i:i + size] for i in range(0, len(data) - len(data) % size, size)]
@@ -536,12 +459,14 @@ class Monitor:
         return self._with_vcpu(read)
 
     def _cmd_translate(self, rest: str) -> str:
+        from pykvm.inspect.translate import translate_address
+
         if not rest:
             raise MonitorError("translate needs a guest-virtual (linear) address")
 
         def read() -> str:
             address = parse_address(rest, self.machine.vcpu.get_regs())
-            return str(self.machine.translate(address))
+            return str(translate_address(self.machine.vcpu, self.machine.memory, address))
         return self._with_vcpu(read)
 
     # execution control
@@ -630,102 +555,6 @@ def _format_unit(data: bytes, kind: str, size: int) -> str:
     if kind == "c":
         return repr(data.decode("latin-1"))
     return f"{value:#x}"
-
-
-# ---------------------------------------------------------------------------
-# One terminal for the serial console and the monitor (QEMU's -nographic mux)
-# ---------------------------------------------------------------------------
-
-MUX_HELP = (
-    "C-a h    print this help\n"
-    "C-a x    exit pykvm\n"
-    "C-a c    switch between console and monitor\n"
-    "C-a C-a  sends C-a\n"
-)
-
-
-class ConsoleMux:
-    """Route terminal input to the guest's serial port or to the monitor.
-
-    ``feed(data)`` takes bytes as typed; in console mode they go to
-    ``to_guest``, in monitor mode they are edited into a line (echoed,
-    backspace works) and executed on Enter; answers go to ``write``.
-    ``Ctrl-a c`` switches, ``Ctrl-a x`` quits.  No terminal is needed:
-    tests feed bytes and read what was written.
-    """
-
-    def __init__(self, monitor: Monitor, to_guest: Callable[[bytes], None] | None,
-                 write: Callable[[str], None], *, start_in_monitor: bool = True) -> None:
-        self.monitor = monitor
-        self.to_guest = to_guest
-        self.write = write
-        self.in_monitor = start_in_monitor or to_guest is None
-        self._escape = False
-        self._line = bytearray()
-        self.quit = False
-        if self.in_monitor:
-            self.write(PROMPT)
-
-    def switch(self) -> None:
-        if self.to_guest is None:
-            self.write("\n(no serial console on this terminal)\n" + PROMPT)
-            return
-        self.in_monitor = not self.in_monitor
-        if self.in_monitor:
-            self.write("\n" + PROMPT + self._line.decode("utf-8", "replace"))
-        else:
-            self.write("\n")
-
-    def feed(self, data: bytes) -> None:
-        for byte in data:
-            if self.quit:
-                return
-            if self._escape:
-                self._escape = False
-                if byte in (ord("c"), ord("C")):
-                    self.switch()
-                elif byte in (ord("x"), ord("X")):
-                    self.write("\npykvm: terminated (C-a x)\n")
-                    self.monitor.execute("quit")
-                    self.quit = True
-                elif byte in (ord("h"), ord("H"), ord("?")):
-                    self.write("\n" + MUX_HELP)
-                    if self.in_monitor:
-                        self.write(PROMPT + self._line.decode("utf-8", "replace"))
-                elif byte == CTRL_A:
-                    self._deliver(bytes([CTRL_A]))
-                continue
-            if byte == CTRL_A:
-                self._escape = True
-                continue
-            self._deliver(bytes([byte]))
-
-    def _deliver(self, data: bytes) -> None:
-        if not self.in_monitor:
-            self.to_guest(data)
-            return
-        byte = data[0]
-        if byte in (0x0D, 0x0A):
-            line = self._line.decode("utf-8", "replace")
-            self._line.clear()
-            self.write("\n")
-            answer = self.monitor.execute(line)
-            if answer:
-                self.write(answer.rstrip() + "\n")
-            if self.monitor.quit_requested:
-                self.quit = True
-                return
-            self.write(PROMPT)
-        elif byte in (0x7F, 0x08):
-            if self._line:
-                self._line.pop()
-                self.write("\b \b")
-        elif byte == 0x15:  # Ctrl-U: kill the line
-            self.write("\b \b" * len(self._line))
-            self._line.clear()
-        elif byte >= 0x20 or byte == 0x09:
-            self._line.append(byte)
-            self.write(chr(byte) if byte < 0x80 else "")
 
 
 def wait_until_stopped(monitor: Monitor, timeout: float | None) -> Stop | None:

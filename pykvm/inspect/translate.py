@@ -238,7 +238,7 @@ def translate_address(vcpu, memory: "GuestMemory", gva: int, *, sregs=None, kvm_
         except OSError as exc:
             fields["kvm_note"] = f"failed: {exc}"
     try:
-        from pykvm.check import nested_kvm_module
+        from pykvm.host import nested_kvm_module
 
         fields["nested"] = nested_kvm_module()
     except Exception:
