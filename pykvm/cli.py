@@ -26,15 +26,13 @@ import sys
 import threading
 from typing import Callable, Sequence
 
+from pykvm.errors import UsageError
+
 EXIT_BAD_INPUT = 2
 EXIT_GUEST_CRASHED = 3
 EXIT_HOST_CANNOT = 4
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +73,7 @@ def _timeout(text: str) -> float:
 
 def _add_image_args(parser: argparse.ArgumentParser) -> None:
     """What to boot and how: shared by ``run`` and ``trace``."""
-    from pykvm.x86.layout import MODES
+    from pykvm.x86.state import MODES
 
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--guest", metavar="NAME", help="a shipped guest (see `pykvm guests`)")
@@ -208,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _report_split(split, args: argparse.Namespace) -> None:
     import json
 
-    from pykvm.split import format_split
+    from pykvm.inspect.split import format_split
 
     if args.stats:
         print(format_split(split), file=sys.stderr)
@@ -221,7 +219,7 @@ def _report_split(split, args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pykvm.check import run_check
+    from pykvm.inspect.check import run_check
 
     usable, lines = run_check()
     print("\n".join(lines))
@@ -248,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _open_machine(args: argparse.Namespace, **options):
     """Check the image arguments, open the serial sink and make the Machine: (machine, close_sink)."""
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     if args.guest is not None and (args.mode or args.load_addr is not None):
         raise UsageError("--mode and --load-addr go with --kernel; a shipped guest knows its own")
@@ -264,9 +262,7 @@ def _open_machine(args: argparse.Namespace, **options):
 
 def _load_for(machine, args, command: str) -> int | None:
     """Load --guest or --kernel into ``machine``; a status to return when the host cannot, else None."""
-    from pykvm import guests
-    from pykvm.errors import LoaderError
-    from pykvm.x86.modes import ModeNotSupported
+    from pykvm.errors import GuestNotBuilt, GuestNotFound, LoaderError, ModeNotSupported
 
     try:
         if args.guest is not None:
@@ -274,7 +270,7 @@ def _load_for(machine, args, command: str) -> int | None:
         else:
             machine.load_image(args.kernel, format=args.format, mode=args.mode, load_addr=args.load_addr,
                                args=args.args, cmdline=args.append)
-    except (LoaderError, guests.GuestNotFound, guests.GuestNotBuilt) as exc:
+    except (LoaderError, GuestNotFound, GuestNotBuilt) as exc:
         raise UsageError(str(exc)) from None
     except ModeNotSupported as exc:
         print(f"pykvm {command}: cannot run on this host: {exc}", file=sys.stderr)
@@ -297,8 +293,10 @@ def _stop_status(stop) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Single-step a guest and print each instruction, or each exit (``--exits``); see pykvm.trace."""
-    from pykvm.trace import TraceError, format_exit, format_mode, format_step, format_stop
+    """Single-step a guest and print each instruction, or each exit (``--exits``); see pykvm.inspect.tracer."""
+    from pykvm.errors import TraceError
+    from pykvm.inspect.trace_format import format_exit, format_mode, format_step, format_stop
+    from pykvm.inspect.tracer import Tracer
 
     if len(args.hw_breaks) + len(args.sw_breaks) > 4:
         raise UsageError("at most 4 breakpoints (x86 has four debug registers)")
@@ -308,7 +306,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         status = _load_for(machine, args, "trace")
         if status is not None:
             return status
-        with machine.tracer() as tracer:
+        with Tracer(machine) as tracer:
             name = machine.loaded.get("name") or args.kernel
             print(f"pykvm trace: {name}: {format_mode(machine.vcpu.get_sregs())}", file=sys.stderr)
             noted = 0
@@ -362,9 +360,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _monitor_session(machine, args: argparse.Namespace) -> int:
-    """`run` with -monitor stdio or --monitor-script: the guest runs under pykvm.monitor."""
-    from pykvm.monitor import PROMPT, ConsoleMux, Monitor, wait_until_stopped
-    from pykvm.trace import format_stop
+    """`run` with -monitor stdio or --monitor-script: the guest runs under pykvm.inspect.monitor."""
+    from pykvm.inspect.console_mux import ConsoleMux
+    from pykvm.inspect.monitor import PROMPT, Monitor, wait_until_stopped
+    from pykvm.inspect.trace_format import format_stop
 
     if args.monitor not in (None, "none", "stdio"):
         raise UsageError(f"-monitor {args.monitor!r}: use stdio or none (or --monitor-script FILE)")

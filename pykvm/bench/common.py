@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
+from pykvm.errors import BenchError  # noqa: F401  (re-exported: the benchmarks raise it)
+
 __all__ = [
     "BENCH_GUESTS",
     "KVM_DEVICE",
@@ -23,10 +25,6 @@ KVM_DEVICE = "/dev/kvm"
 
 #: Guest RAM given to every exit benchmark (pykvm's Machine default).
 EXIT_MEMORY = 64 << 20
-
-
-class BenchError(RuntimeError):
-    """A benchmark could not run, or a guest did not compute what it should."""
 
 
 @dataclass(frozen=True)

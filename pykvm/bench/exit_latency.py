@@ -267,8 +267,8 @@ class MachineRunner(Runner, _VariantMixin):
     """pykvm's ``Machine``: ``c_loop=True`` with a fast range, or ``c_loop=False`` with a Python device."""
 
     def __init__(self, guest: BenchGuest, kind: Kind, c_loop: bool) -> None:
-        from pykvm.machine import Machine
-        from pykvm.runloop import MMIO, PIO, READ_CONST, WRITE_DROP, FastRange
+        from pykvm.platform.machine import Machine
+        from pykvm.platform.cloop import MMIO, PIO, READ_CONST, WRITE_DROP, FastRange
 
         self.path = "c_loop" if c_loop else "machine"
         self.guest, self.kind, self.c_loop = guest, kind, c_loop
@@ -292,7 +292,7 @@ class MachineRunner(Runner, _VariantMixin):
             raise
 
     def _c_hits(self) -> int:
-        hits = self.m.loop.hits()
+        hits = self.m.loop.cloop.hits()
         return hits.get("bench-pio", 0) + hits.get("bench-mmio", 0)
 
     def run(self, number: int, n: int) -> int:
@@ -331,9 +331,9 @@ class MachineRunner(Runner, _VariantMixin):
             # The C loop has no HLT action: each HLT comes back from
             # loop.run() and this minimal Python loop re-enters it.
             from pykvm._native_loader import lib
-            from pykvm.runloop import RET_CODE_MASK, RET_EXIT
+            from pykvm.platform.cloop import RET_CODE_MASK, RET_EXIT
 
-            loop, run = m.loop, m.vcpu.kvm_run
+            loop, run = m.loop.cloop, m.vcpu.kvm_run
             loop.set_ranges(m.fast_ranges())
             hlt_reason = lib.KVM_EXIT_HLT
             t0 = time.perf_counter_ns()
@@ -389,12 +389,13 @@ class BareRunner(Runner, _VariantMixin):
 
     def run(self, number: int, n: int) -> int:
         from pykvm import exits
-        from pykvm.x86 import layout
+        from pykvm.platform import layout
+        from pykvm.platform.cpu_tables import GUEST_TABLES
         from pykvm.x86.modes import setup_mode
 
         vcpu, memory = self.vcpu, self.memory
         memory.write(layout.LOAD_ADDR, self.image)
-        setup_mode(self.guest.mode, vcpu, memory, entry=layout.LOAD_ADDR, args=(number, n))
+        setup_mode(self.guest.mode, vcpu, memory, entry=layout.LOAD_ADDR, args=(number, n), tables=GUEST_TABLES)
         drain = vcpu.drain_coalesced if self.drainer is not None else None
         IoOut, IoIn, MmioWrite, MmioRead, Hlt = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead, exits.Hlt
         run = vcpu.run

@@ -150,8 +150,8 @@ class Sample:
 
 def run_once(model: Model, direction: str, n: int, rx_data: bytes | None = None) -> Sample:
     """Move ``n`` bytes once through ``model``; check the data; return the timings and exits."""
-    from pykvm.machine import Machine
-    from pykvm.runloop import tsc_hz
+    from pykvm.platform.machine import Machine
+    from pykvm.platform.cloop import tsc_hz
 
     if direction in model.not_applicable:
         raise ValueError(f"{model.key} has no {direction} direction: {model.not_applicable[direction]}")

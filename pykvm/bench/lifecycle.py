@@ -68,7 +68,8 @@ def pykvm_once(image: bytes, mem: int, mode: str = MODE) -> dict[str, int]:
     from pykvm import exits
     from pykvm.memory import GuestMemory
     from pykvm.system import Kvm
-    from pykvm.x86 import layout
+    from pykvm.platform import layout
+    from pykvm.platform.cpu_tables import GUEST_TABLES
     from pykvm.x86.modes import setup_mode
 
     t = [_now()]
@@ -82,7 +83,7 @@ def pykvm_once(image: bytes, mem: int, mode: str = MODE) -> dict[str, int]:
     vcpu = vm.create_vcpu(0)
     vcpu.set_cpuid2(kvm.supported_cpuid())
     memory.write(layout.LOAD_ADDR, image)
-    setup_mode(mode, vcpu, memory, entry=layout.LOAD_ADDR, args=(0, 1))
+    setup_mode(mode, vcpu, memory, entry=layout.LOAD_ADDR, args=(0, 1), tables=GUEST_TABLES)
     t.append(_now())
     while True:
         exit = vcpu.run()
@@ -104,7 +105,7 @@ def pykvm_once(image: bytes, mem: int, mode: str = MODE) -> dict[str, int]:
 
 def machine_once(mem: int, guest: str = GUEST) -> dict[str, int]:
     """One lifecycle through ``Machine``; nanoseconds per step."""
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     t0 = _now()
     m = Machine(memory=mem)

@@ -30,7 +30,7 @@ from pykvm.bench.common import BenchError, child_env, ensure_median
 
 _PYKVM_RUN = """
 import sys
-from pykvm.machine import Machine
+from pykvm.platform.machine import Machine
 name, mode = sys.argv[1], sys.argv[2]
 with Machine(memory="64M") as m:
     if name == "bench32":

@@ -4,8 +4,8 @@ The sources live in ``guests/`` at the top of the repository; ``make -C
 guests`` assembles them into flat binaries in this package's ``bin/``
 directory.  This module names them and says how to run each one: its CPU
 mode (one of the contract's mode names), load address, privilege level,
-arguments and how it stops.  It imports nothing else from pykvm, so it works
-before the C extension is built.
+arguments and how it stops.  It imports only pykvm's error tree and the
+platform's layout (pure data), so it works before the C extension is built.
 
 Example::
 
@@ -22,6 +22,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from pykvm.errors import GuestNotBuilt, GuestNotFound
+from pykvm.platform.layout import LOAD_ADDR, REAL_MODE_LOAD_ADDR as REAL_LOAD_ADDR
 
 __all__ = [
     "BENCH_KINDS",
@@ -42,8 +45,6 @@ __all__ = [
 #: Where ``make -C guests`` writes the binaries.
 BIN_DIR: Path = Path(__file__).resolve().parent / "bin"
 
-REAL_LOAD_ADDR = 0x8000
-LOAD_ADDR = 0x100000
 
 #: File offset of the 16-byte parameter block in ``bench32.bin``:
 #: 8-byte magic ``PKVMARGS``, then little-endian u32 kind and u32 N.
@@ -75,14 +76,6 @@ _VIRTIO_ARGS = (
     "result RAX = bytes echoed, or 0xffffffff000000NN on failure (NN: guests/virtio.h, "
     "guests/virtio_test.c); RCX = bytes received in all"
 )
-
-
-class GuestNotFound(LookupError):
-    """The name is not one of the shipped guests."""
-
-
-class GuestNotBuilt(FileNotFoundError):
-    """The guest is known but its .bin has not been built (run make)."""
 
 
 @dataclass(frozen=True)
