@@ -48,11 +48,29 @@ def kvm():
 
 @pytest.fixture
 def machine():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M") as m:
         yield m
 
 
-def open_fd_count() -> int:
+@pytest.fixture
+def memory():
+    """256 KiB of guest RAM at guest-physical 0, without a VM (virtio device tests)."""
+    from pykvm.memory import GuestMemory
+    from virtio_helpers import MEMORY_SIZE
+
+    mem = GuestMemory()
+    mem.add_region(0, MEMORY_SIZE)
+    yield mem
+    mem.close()
+
+
+def _open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def open_fd_count():
+    """A callable: how many file descriptors this process has open now."""
+    return _open_fd_count

@@ -8,9 +8,8 @@ import threading
 import time
 
 import pytest
-from conftest import open_fd_count
 
-from pykvm.iothread import IoThread
+from pykvm.platform.iothread import IoThread
 
 
 def wait_for(predicate, timeout=5.0):
@@ -86,7 +85,7 @@ def test_a_failing_handler_is_logged_and_the_thread_carries_on(caplog):
     assert "device bug" in caplog.text
 
 
-def test_close_joins_the_thread_and_closes_every_eventfd():
+def test_close_joins_the_thread_and_closes_every_eventfd(open_fd_count):
     before_fds, before_threads = open_fd_count(), threading.active_count()
     for _ in range(20):
         io = IoThread()

@@ -13,24 +13,15 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_virtio_mmio import MmioDriver
-from test_virtqueue import (
-    DATA,
-    MEMORY_SIZE,
-    RecordingMemory,
-    check_writes,
-    hostile_memory,
-    hostile_rings,
-    snapshot,
-    write_hostile_ring,
+from virtio_helpers import (
+    DATA, MEMORY_SIZE, RecordingMemory, check_writes, hostile_memory, hostile_rings, snapshot, write_hostile_ring,
 )
 
-from pykvm.memory import GuestMemory
+from pykvm.virtio.mock_driver import MmioDriver
 from pykvm.virtio import (
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_F_EVENT_IDX,
@@ -70,14 +61,6 @@ MULTIPORT = 1 << VIRTIO_CONSOLE_F_MULTIPORT
 # Ring layouts (size 8): queue index -> (size, desc, avail, used).
 LAYOUT = {i: (8, 0x1000 + 0x1000 * i, 0x1800 + 0x1000 * i, 0x1C00 + 0x1000 * i) for i in range(6)}
 RX_BUF, TX_BUF = DATA, DATA + 0x8000
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    mem = GuestMemory()
-    mem.add_region(0, MEMORY_SIZE)
-    yield mem
-    mem.close()
 
 
 class Guest:

@@ -14,7 +14,6 @@ import threading
 import zlib
 
 import pytest
-from conftest import open_fd_count
 
 from pykvm.virtio.backends import FdBackend, MemoryBackend
 from pykvm.virtio.mmio import QUEUE_NOTIFY
@@ -50,7 +49,7 @@ class EchoBackend(MemoryBackend):
 
 def run_guest(guest, *, notify="python", interrupt="irq_line", irqchip=None, mode=0, delay=0.0):
     """Run a virtio guest with an echo backend; return (result, machine facts)."""
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     if irqchip is None:
         irqchip = guest == "virtio64" or interrupt == "irqfd"
@@ -72,7 +71,7 @@ def run_guest(guest, *, notify="python", interrupt="irq_line", irqchip=None, mod
         facts = {
             "output": bytes(backend.output),
             "python_notifies": register_writes.count(QUEUE_NOTIFY),
-            "c_notifies": result.c_hits.get(f"{slot.name}-notify", 0),
+            "c_notifies": result.c_hits.get(f"{slot.name}.notify", 0),
             "wakeups": {name: wakeups.get(fd, 0) for name, fd in slot.fds.items()},
             "notifications": transport.notifications,
             "errors": transport.errors,
@@ -145,7 +144,7 @@ def test_interrupt_driven_round_trip(notify, interrupt):
 
 
 def test_without_irqchip_the_interrupt_driven_guest_waits_forever():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="32M", irqchip=False) as m:
         m.add_virtio_console(EchoBackend(delay=0.05))
@@ -187,7 +186,7 @@ def test_reset_mid_transfer_then_start_again(guest, notify, interrupt):
 
 
 def test_linux_cmdline_and_default_placement():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", irqchip=True) as m:
         m.add_virtio_console()
@@ -201,8 +200,8 @@ def test_linux_cmdline_and_default_placement():
 
 
 def test_bad_wiring_is_refused():
-    from pykvm.bus import BusError
-    from pykvm.machine import Machine
+    from pykvm.platform.bus import BusError
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M") as m:
         with pytest.raises(ValueError, match="irqchip"):
@@ -211,11 +210,13 @@ def test_bad_wiring_is_refused():
             m.add_virtio_console(notify="carrier-pigeon")
         with pytest.raises(ValueError, match="COM1"):
             m.add_virtio_console(irq=4)
-        m.add_virtio_console(irq=9)
+        with pytest.raises(ValueError, match="SCI"):
+            m.add_virtio_console(irq=9)  # the PC's own lines are not free either
+        m.add_virtio_console(irq=10)
         with pytest.raises(ValueError, match="taken"):
-            m.add_virtio_console(irq=9, base=0xD0001000)
+            m.add_virtio_console(irq=10, base=0xD0001000)
         with pytest.raises(BusError):
-            m.add_virtio_console(base=0xD0000100, irq=10)  # overlaps the first window
+            m.add_virtio_console(base=0xD0000100, irq=11)  # overlaps the first window
         assert len(m.virtio_devices) == 1
 
 
@@ -223,7 +224,7 @@ def test_a_failed_wiring_is_undone():
     import os
 
     from pykvm.errors import KvmError
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", irqchip=True) as m:
         squatter = os.eventfd(0)
@@ -242,11 +243,11 @@ def test_a_failed_wiring_is_undone():
     assert result.ended == "reset" and result.regs["rax"] == len(GREETING)
 
 
-def test_fifty_machines_leave_no_fd_or_thread_behind():
+def test_fifty_machines_leave_no_fd_or_thread_behind(open_fd_count):
     """Each machine has a console, an I/O thread, ioeventfds, an irqfd; some run the guest."""
     import os
 
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     fds_before, threads_before = open_fd_count(), threading.active_count()
     for i in range(50):
@@ -273,8 +274,8 @@ def test_fifty_machines_leave_no_fd_or_thread_behind():
 def test_c_loop_eventfd_action_signals_once_per_write():
     import os
 
-    from pykvm.machine import Machine
-    from pykvm.runloop import MMIO, READ_PASS, WRITE_EVENTFD, FastRange
+    from pykvm.platform.machine import Machine
+    from pykvm.platform.cloop import MMIO, READ_PASS, WRITE_EVENTFD, FastRange
 
     n = 500
     with Machine(memory="16M") as m:
@@ -292,8 +293,8 @@ def test_c_loop_eventfd_action_signals_once_per_write():
 
 
 def test_c_loop_eventfd_action_falls_back_to_python_when_the_write_fails():
-    from pykvm.machine import Machine
-    from pykvm.runloop import MMIO, READ_PASS, WRITE_EVENTFD, FastRange
+    from pykvm.platform.machine import Machine
+    from pykvm.platform.cloop import MMIO, READ_PASS, WRITE_EVENTFD, FastRange
 
     n = 20
     with Machine(memory="16M") as m:
@@ -313,7 +314,7 @@ def _stream(n: int) -> bytes:
 
 @pytest.mark.parametrize("coalesced", [False, True])
 def test_uart_transmit_through_a_coalesced_zone_keeps_every_byte_in_order(coalesced):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     n = 3000  # several full rings
     with Machine(memory="16M", c_loop=False) as m:
@@ -334,7 +335,7 @@ def test_virtio_receive_in_big_buffers():
     """Host -> guest: 3 MiB queued before the run arrive whole (the guest's Adler-32)."""
     import os
 
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     data = os.urandom(3 << 20)
     with Machine(memory="64M", irqchip=True) as m:

@@ -1,7 +1,7 @@
 """The virtio-mmio transport, register by register (virtio spec 4.2).
 
-:class:`MmioDriver` is the guest driver's view of the register window, as
-Linux's ``virtio_mmio.c`` uses it; the console tests import it too.
+The guest driver's view of the register window is
+``pykvm.virtio.mock_driver.MmioDriver``, as Linux's ``virtio_mmio.c`` uses it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Iterator
 
 import pytest
-from test_virtqueue import DATA, MEMORY_SIZE, RingDriver
+from virtio_helpers import DATA, MEMORY_SIZE
 
-from pykvm.bus import Bus
+from pykvm.platform.bus import Bus
 from pykvm.memory import GuestMemory
 from pykvm.virtio import (
     STATUS_ACKNOWLEDGE,
@@ -31,78 +30,9 @@ from pykvm.virtio import (
     linux_cmdline,
 )
 from pykvm.virtio import mmio as R  # register offsets
+from pykvm.virtio.mock_driver import MmioDriver, RingDriver
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
-
-
-class MmioDriver:
-    """The guest's side of the register window: 32-bit accesses only (4.2.2.2)."""
-
-    def __init__(self, transport: VirtioMmioDevice, memory) -> None:
-        self.transport, self.memory = transport, memory
-
-    def r32(self, offset: int) -> int:
-        return int.from_bytes(self.transport.read(offset, 4), "little")
-
-    def w32(self, offset: int, value: int) -> None:
-        self.transport.write(offset, value.to_bytes(4, "little"))
-
-    @property
-    def status(self) -> int:
-        return self.r32(R.STATUS)
-
-    def add_status(self, bits: int) -> None:
-        self.w32(R.STATUS, self.status | bits)
-
-    def device_features(self) -> int:
-        features = 0
-        for page in range(2):
-            self.w32(R.DEVICE_FEATURES_SEL, page)
-            features |= self.r32(R.DEVICE_FEATURES) << (32 * page)
-        return features
-
-    def write_features(self, features: int) -> None:
-        for page in range(2):
-            self.w32(R.DRIVER_FEATURES_SEL, page)
-            self.w32(R.DRIVER_FEATURES, features >> (32 * page) & 0xFFFFFFFF)
-
-    def negotiate(self, features: int) -> bool:
-        """3.1.1 steps 1-6: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, re-read."""
-        self.w32(R.STATUS, 0)
-        self.add_status(STATUS_ACKNOWLEDGE)
-        self.add_status(STATUS_DRIVER)
-        self.write_features(features)
-        self.add_status(STATUS_FEATURES_OK)
-        return bool(self.status & STATUS_FEATURES_OK)
-
-    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> RingDriver:
-        """4.2.3.2: select, check, size, addresses through the 64-bit pairs, ready."""
-        self.w32(R.QUEUE_SEL, index)
-        assert self.r32(R.QUEUE_READY) == 0
-        assert 0 < size <= self.r32(R.QUEUE_NUM_MAX)
-        ring = RingDriver(self.memory, size, desc, avail, used)
-        self.w32(R.QUEUE_NUM, size)
-        for low, addr in ((R.QUEUE_DESC_LOW, desc), (R.QUEUE_DRIVER_LOW, avail), (R.QUEUE_DEVICE_LOW, used)):
-            self.w32(low, addr & 0xFFFFFFFF)
-            self.w32(low + 4, addr >> 32)
-        self.w32(R.QUEUE_READY, 1)
-        return ring
-
-    def start(self, features: int, queues: dict[int, tuple[int, int, int, int]]) -> dict[int, RingDriver]:
-        """A whole initialisation: negotiate, set up ``queues`` {index: (size, desc, avail, used)}, DRIVER_OK."""
-        assert self.negotiate(features)
-        rings = {i: self.setup_queue(i, *layout) for i, layout in queues.items()}
-        self.add_status(STATUS_DRIVER_OK)
-        return rings
-
-    def notify(self, index: int) -> None:
-        self.w32(R.QUEUE_NOTIFY, index)
-
-    def ack(self) -> int:
-        """Read InterruptStatus and acknowledge what it shows, as an interrupt handler does."""
-        status = self.r32(R.INTERRUPT_STATUS)
-        self.w32(R.INTERRUPT_ACK, status)
-        return status
 
 
 class EchoDevice(VirtioDevice):
@@ -150,14 +80,6 @@ class Harness:
 
     def start(self, features: int = VERSION_1) -> dict[int, RingDriver]:
         return self.driver.start(features, {0: (8, 0x1000, 0x2000, 0x3000), 1: (4, 0x4000, 0x5000, 0x6000)})
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    mem = GuestMemory()
-    mem.add_region(0, MEMORY_SIZE)
-    yield mem
-    mem.close()
 
 
 @pytest.fixture

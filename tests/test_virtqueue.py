@@ -1,22 +1,20 @@
 """Split virtqueues (virtio spec 2.7), driven by a driver written in Python.
 
-:class:`RingDriver` is the guest's side of one queue: it writes descriptors
-and the available ring into real guest memory (``GuestMemory(vm=None)``)
-and reads the used ring, as Linux's ``virtio_ring.c`` does.  The other
-virtio tests import it.
+The guest's side is ``pykvm.virtio.mock_driver.RingDriver``: it writes
+descriptors and the available ring into real guest memory
+(``GuestMemory(vm=None)``, the ``memory`` fixture of conftest.py) and reads
+the used ring, as Linux's ``virtio_ring.c`` does.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from pykvm.errors import GuestMemoryError
-from pykvm.memory import GuestMemory
+from pykvm.virtio.mock_driver import AVAIL, DESC, USED, RingDriver
 from pykvm.virtio.queue import (
     MAX_CHAIN_BYTES,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -27,103 +25,10 @@ from pykvm.virtio.queue import (
     VirtqueueError,
 )
 
-MEMORY_SIZE = 0x40000  # 256 KiB of guest RAM at guest-physical 0
-DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000  # ring areas used by most tests
-DATA = 0x10000  # buffers from here
-
-
-class RingDriver:
-    """The driver's side of a split virtqueue (2.7.13, 2.7.14)."""
-
-    def __init__(self, memory, size: int, desc: int = DESC, avail: int = AVAIL, used: int = USED) -> None:
-        self.memory, self.size = memory, size
-        self.desc, self.avail, self.used = desc, avail, used
-        self.avail_idx = 0  # our avail.idx
-        self.last_used = 0  # used elements consumed
-        self.free = list(range(size))
-        # A driver zeroes its rings before handing them over (4.2.3.2 step 4).
-        memory.write(desc, bytes(16 * size))
-        memory.write(avail, bytes(6 + 2 * size))
-        memory.write(used, bytes(6 + 8 * size))
-
-    def write_desc(self, index: int, addr: int, length: int, flags: int = 0, next: int = 0,
-                   table: int | None = None) -> None:
-        """Store descriptor ``index`` of the descriptor table (or of an indirect ``table``)."""
-        base = self.desc if table is None else table
-        self.memory.write(base + 16 * index, struct.pack("<QIHH", addr, length, flags, next))
-
-    def publish(self, head: int) -> None:
-        """Make the chain at ``head`` available: ring entry first, then idx."""
-        slot = self.avail + 4 + 2 * (self.avail_idx % self.size)
-        self.memory.write(slot, struct.pack("<H", head))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
-
-    def add(self, segments: Sequence[tuple[int, int, bool]]) -> int:
-        """Chain ``(addr, length, writable)`` segments in the table and publish the chain."""
-        indices = [self.free.pop(0) for _ in segments]
-        for i, (index, (addr, length, writable)) in enumerate(zip(indices, segments)):
-            last = i == len(segments) - 1
-            flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-            self.write_desc(index, addr, length, flags, 0 if last else indices[i + 1])
-        self.publish(indices[0])
-        return indices[0]
-
-    def add_indirect(self, table: int, segments: Sequence[tuple[int, int, bool]]) -> int:
-        """Publish one descriptor pointing at an indirect table holding ``segments``."""
-        for i, (addr, length, writable) in enumerate(segments):
-            last = i == len(segments) - 1
-            flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-            self.write_desc(i, addr, length, flags, 0 if last else i + 1, table=table)
-        head = self.free.pop(0)
-        self.write_desc(head, table, 16 * len(segments), VIRTQ_DESC_F_INDIRECT)
-        self.publish(head)
-        return head
-
-    def take_used(self) -> list[tuple[int, int]]:
-        """The (id, len) elements the device returned since the last call."""
-        used_idx = struct.unpack("<H", self.memory.read(self.used + 2, 2))[0]
-        out = []
-        while self.last_used != used_idx:
-            slot = self.used + 4 + 8 * (self.last_used % self.size)
-            head, length = struct.unpack("<II", self.memory.read(slot, 8))
-            out.append((head, length))
-            self.free.extend(self._chain_indices(head))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        return out
-
-    def _chain_indices(self, head: int) -> Iterator[int]:
-        index = head
-        while True:
-            yield index
-            _, _, flags, nxt = struct.unpack("<QIHH", self.memory.read(self.desc + 16 * index, 16))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return
-            index = nxt
-
-    @property
-    def used_idx(self) -> int:
-        return struct.unpack("<H", self.memory.read(self.used + 2, 2))[0]
-
-    @property
-    def avail_event(self) -> int:
-        """What the device asked for, after the used ring (2.7.10)."""
-        return struct.unpack("<H", self.memory.read(self.used + 4 + 8 * self.size, 2))[0]
-
-    def set_used_event(self, value: int) -> None:
-        """Ask for a notification when used.idx passes ``value`` (2.7.7)."""
-        self.memory.write(self.avail + 4 + 2 * self.size, struct.pack("<H", value))
-
-    def set_avail_flags(self, flags: int) -> None:
-        self.memory.write(self.avail, struct.pack("<H", flags))
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    mem = GuestMemory()
-    mem.add_region(0, MEMORY_SIZE)
-    yield mem
-    mem.close()
+from virtio_helpers import (  # noqa: E402
+    DATA, MEMORY_SIZE, RecordingMemory, check_writes, hostile_memory, hostile_rings, snapshot,
+    write_hostile_ring,
+)
 
 
 def make_queue(memory, size: int = 8, **features) -> tuple[SplitVirtqueue, RingDriver]:
@@ -398,121 +303,6 @@ def test_avail_event_is_written_when_rearming(memory):
     assert queue.enable_notification()  # the re-check catches a racing driver
 
 
-# -- hostile rings (hypothesis) --------------------------------------------------------
-
-GAP = 0x8000  # memory is two regions with an unmapped gap, to catch straddling buffers
-REGION_A, REGION_B = (0, 0x8000), (0x10000, 0x8000)
-
-
-class RecordingMemory:
-    """GuestMemory wrapper that records any access outside guest memory.
-
-    ``GuestMemory`` would refuse such an access anyway; recording it proves
-    that the queue *validated* every guest address instead of relying on the
-    memory layer's last line of defence.
-    """
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.violations: list[tuple[str, int, int]] = []
-        self.writes: list[tuple[int, bytes]] = []  # every write, in order
-
-    def is_mapped(self, gpa: int, size: int = 1) -> bool:
-        return self.memory.is_mapped(gpa, size)
-
-    def _check(self, kind: str, gpa: int, size: int) -> None:
-        if not self.memory.is_mapped(gpa, size):
-            self.violations.append((kind, gpa, size))
-
-    def read(self, gpa: int, size: int) -> bytes:
-        self._check("read", gpa, size)
-        return self.memory.read(gpa, size)
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self._check("write", gpa, len(data))
-        self.writes.append((gpa, bytes(data)))
-        self.memory.write(gpa, data)
-
-
-@st.composite
-def _mostly(draw, likely, unlikely):
-    """``likely`` three times out of four: hostile, but often enough valid to go deep."""
-    return draw(unlikely if draw(st.integers(0, 3)) == 3 else likely)
-
-
-def _addresses():
-    return _mostly(
-        st.integers(REGION_B[0], REGION_B[0] + REGION_B[1] - 0x100),  # plausible buffers
-        st.one_of(
-            st.integers(0, REGION_A[1] - 1),  # over the rings and tables
-            st.sampled_from([REGION_A[1] - 16, REGION_A[1] - 1, REGION_B[0] - 8, 0x17FF0]),
-            st.integers(2**64 - 0x100, 2**64 - 1),
-            st.integers(0, 2**64 - 1),
-        ),
-    )
-
-
-def _lengths():
-    return _mostly(st.integers(0, 64),
-                   st.sampled_from([0x7FF0, 0x8000, 0xFFFFFFFF]) | st.integers(0, 2**32 - 1))
-
-
-_FLAGS = [0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE]
-
-
-@st.composite
-def _descriptors(draw, size: int):
-    if draw(st.integers(0, 9)) == 0:  # an indirect descriptor, usually to the table at 0x5000
-        addr = draw(_mostly(st.just(0x5000), _addresses()))
-        length = draw(_mostly(st.sampled_from([16, 32, 48, 64]), _lengths()))
-        flags = VIRTQ_DESC_F_INDIRECT | draw(st.sampled_from([0, 0, 0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE]))
-    else:
-        addr, length = draw(_addresses()), draw(_lengths())
-        flags = draw(_mostly(st.sampled_from(_FLAGS), st.integers(0, 0xFFFF)))
-    nxt = draw(_mostly(st.integers(0, max(size, 4) - 1), st.integers(0, 0xFFFF)))
-    return addr, length, flags, nxt
-
-
-@st.composite
-def hostile_rings(draw):
-    size = draw(st.sampled_from([1, 2, 4, 8]))
-    return {
-        "size": size,
-        "table": draw(st.lists(_descriptors(size), min_size=size, max_size=size)),
-        "indirect": draw(st.lists(_descriptors(4), min_size=4, max_size=4)),  # a table at 0x5000
-        "avail_idx": draw(_mostly(st.integers(1, size), st.integers(0, 0xFFFF))),
-        "ring": draw(st.lists(_mostly(st.integers(0, size - 1), st.integers(0, 0xFFFF)),
-                              min_size=size, max_size=size)),
-        "used_event": draw(st.integers(0, 0xFFFF)),
-        "event_idx": draw(st.booleans()),
-        "indirect_ok": draw(_mostly(st.just(True), st.just(False))),
-    }
-
-
-INDIRECT_TABLE = 0x5000  # where hostile rings keep an indirect table of 4 entries
-
-
-def write_hostile_ring(memory, spec, desc: int = DESC, avail: int = AVAIL, used: int = USED) -> RingDriver:
-    """Lay out ``spec`` (from :func:`hostile_rings`) in guest memory."""
-    driver = RingDriver(memory, spec["size"], desc, avail, used)
-    for i, d in enumerate(spec["table"]):
-        driver.write_desc(i, *d)
-    for i, d in enumerate(spec["indirect"]):
-        driver.write_desc(i, *d, table=INDIRECT_TABLE)
-    for i, head in enumerate(spec["ring"]):
-        memory.write(driver.avail + 4 + 2 * i, struct.pack("<H", head))
-    memory.write(driver.avail + 2, struct.pack("<H", spec["avail_idx"]))
-    driver.set_used_event(spec["used_event"])
-    return driver
-
-
-def hostile_memory() -> GuestMemory:
-    memory = GuestMemory()
-    memory.add_region(*REGION_A)
-    memory.add_region(*REGION_B)
-    return memory
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=hostile_rings())
 def test_hostile_rings_raise_only_virtqueue_error(spec):
@@ -539,46 +329,6 @@ def test_hostile_rings_raise_only_virtqueue_error(spec):
             pass  # the one error a hostile driver may cause
         assert recorder.violations == []
         check_writes(memory, before, recorder.writes, [(DESC, spec["size"])], [(USED, spec["size"])])
-
-
-def snapshot(memory: GuestMemory) -> dict[int, bytes]:
-    """The bytes of every region, by base address."""
-    return {r.gpa: memory.read(r.gpa, r.size) for r in memory.regions}
-
-
-def check_writes(memory, before, writes, tables, used_rings) -> None:
-    """Every device write went to a used ring or to a buffer a writable descriptor described.
-
-    Replays ``writes`` (in order) on a copy of ``before``: at each write the
-    allowed areas are recomputed from the descriptor ``tables`` [(addr,
-    entries)] and the indirect table *as they were then* (a hostile driver
-    may point a writable buffer at its own descriptors).  Finally the copy
-    must equal guest memory: nothing else changed.
-    """
-    shadow = {base: bytearray(data) for base, data in before.items()}
-
-    def locate(gpa: int) -> tuple[bytearray, int]:
-        for base, data in shadow.items():
-            if base <= gpa < base + len(data):
-                return data, gpa - base
-        raise AssertionError(f"write outside guest memory at {gpa:#x}")
-
-    def allowed() -> list[tuple[int, int]]:
-        areas = [(used, used + 6 + 8 * size) for used, size in used_rings]
-        for table, entries in [*tables, (INDIRECT_TABLE, 4)]:
-            data, offset = locate(table)
-            for i in range(entries):
-                addr, length, flags, _ = struct.unpack_from("<QIHH", data, offset + 16 * i)
-                if flags & VIRTQ_DESC_F_WRITE and not flags & VIRTQ_DESC_F_INDIRECT:
-                    areas.append((addr, addr + length))
-        return areas
-
-    for gpa, written in writes:
-        size = len(written)
-        assert any(lo <= gpa and gpa + size <= hi for lo, hi in allowed()), f"stray write {gpa:#x}+{size}"
-        data, offset = locate(gpa)
-        data[offset : offset + size] = written
-    assert {base: bytes(data) for base, data in shadow.items()} == snapshot(memory)
 
 
 def test_guest_memory_error_is_not_what_the_queue_raises(memory):
