@@ -12,7 +12,7 @@ pytestmark = pytest.mark.kvm
 
 
 def run(name, args=(0, 0), c_loop=True):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", c_loop=c_loop) as m:
         m.load_guest(name, args=args)
@@ -28,24 +28,26 @@ def test_hello64_split_adds_up():
     assert split.kernel_exits > 0 and split.user_exits > 0
     assert split.handled_in_c == split.by_reason["io"]["total"]  # the UART hot path
     assert split.handled_in_python == 1  # the final HLT
-    assert split.insn_emulation is None or split.insn_emulation >= 0
+    from pykvm.host import nested_kvm_module
+
+    if nested_kvm_module() == "kvm_pvm":
+        # Every CPL-0 instruction is emulated there: at least one per byte printed.
+        assert split.insn_emulation >= split.by_reason["io"]["total"]
 
 
 def test_cpuid_exits_stay_in_the_kernel():
     # At CPL 3 CPUID traps to KVM, which answers it in the kernel.  (At CPL 0
     # on kvm_pvm the instruction emulator executes it without any exit.)
-    from pykvm.check import nested_kvm_module
+    from pykvm.host import nested_kvm_module
 
     n = 300
     result = run("bench64u", args=(5, n))
     assert result.regs["rax"] == n  # the guest did execute its CPUIDs
     split = result.split
     assert split.user_exits == 1  # only the final reset write came back
-    if nested_kvm_module() == "kvm_pvm":
-        # kvm_pvm answers CPUID in its world switcher without counting an
-        # exit: the kernel's counter undercounts; pykvm reports what it sees.
-        assert split.kernel_exits >= 0
-    else:
+    # kvm_pvm answers CPUID in its world switcher without counting an exit, so
+    # only elsewhere does the kernel's counter show them.
+    if nested_kvm_module() != "kvm_pvm":
         assert split.kernel_exits >= n
 
 
