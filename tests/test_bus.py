@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.bus import Bus, BusError, UnmappedAccess
+from pykvm.platform.bus import Bus, BusError, UnmappedAccess
 
 
 class Recorder:

@@ -119,7 +119,7 @@ def test_image_larger_than_memory_exits_2(tmp_path):
     image.write_bytes(b"\x90" * (3 << 20))
     proc = pykvm("run", "--kernel", str(image), "-m", "2M")
     assert proc.returncode == 2
-    assert b"does not fit in guest memory" in proc.stderr
+    assert b"does not fit in guest RAM" in proc.stderr
 
 
 @pytest.mark.kvm
@@ -129,7 +129,7 @@ def test_check_reports_capabilities_and_nested_host():
     assert proc.returncode == 0
     assert "KVM API version: 12" in text and "KVM_CAP_IMMEDIATE_EXIT" in text
     assert text.rstrip().endswith("KVM acceleration can be used")
-    from pykvm.check import nested_kvm_module
+    from pykvm.host import nested_kvm_module
 
     if nested_kvm_module():
         assert "nested KVM" in text
@@ -163,7 +163,7 @@ def test_ctrl_c_stops_cleanly_with_a_summary():
 
 @pytest.mark.kvm
 def test_internal_error_is_reported_with_the_instruction(tmp_path):
-    from pykvm.check import nested_kvm_module
+    from pykvm.host import nested_kvm_module
 
     # 64-bit CPL 0: popcnt eax, ecx ; hlt.  kvm_pvm's ring-0 emulator lacks popcnt.
     image = tmp_path / "popcnt.bin"

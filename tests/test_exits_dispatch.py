@@ -9,9 +9,9 @@ import pytest
 
 from pykvm import exits
 from pykvm._native_loader import ffi, lib
-from pykvm.bus import Bus, UnmappedAccess
+from pykvm.platform.bus import Bus, UnmappedAccess
 from pykvm.devices import DebugExit, DeviceStop, Uart16550
-from pykvm.dispatch import dispatch
+from pykvm.platform.vcpu_loop import dispatch
 
 
 def make_run(buffer_size: int = 8192):

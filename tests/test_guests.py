@@ -27,7 +27,7 @@ PATHS = [pytest.param(True, id="c-loop"), pytest.param(False, id="python")]
 
 
 def run_guest(name, *, c_loop=True, args=(0, 0), memory="16M", timeout=20, serial_input=None):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory=memory, c_loop=c_loop) as m:
         m.load_guest(name, args=args)
@@ -38,7 +38,7 @@ def run_guest(name, *, c_loop=True, args=(0, 0), memory="16M", timeout=20, seria
 
 def host_lacks_32bit_paging() -> bool:
     """kvm_pvm (nested KVM without hardware virtualization) pages only in long mode."""
-    from pykvm.check import nested_kvm_module
+    from pykvm.host import nested_kvm_module
 
     return nested_kvm_module() == "kvm_pvm"
 
@@ -60,7 +60,7 @@ def test_hello_guest_checks_its_own_image(name, c_loop):
 
 @pytest.mark.skipif(not host_lacks_32bit_paging(), reason="only kvm_pvm hosts refuse 32-bit paging")
 def test_paged32_refused_clearly():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
     from pykvm.x86.modes import ModeNotSupported
 
     with Machine(memory="16M") as m:
@@ -74,7 +74,7 @@ def test_c_loop_takes_the_transmit_hot_path(name):
     slow = run_guest(name, c_loop=False)
     assert fast.serial == slow.serial and fast.regs["rax"] == slow.regs["rax"]
     nbytes = len(fast.serial)
-    assert fast.c_hits["uart-thr"] == nbytes
+    assert fast.c_hits["com1.thr"] == nbytes
     assert fast.exits["io"]["c"] >= nbytes and slow.exits["io"]["c"] == 0
     assert slow.exits["io"]["python"] >= nbytes
 
@@ -112,7 +112,7 @@ def test_bench_guest_makes_exactly_n_exits(guest, kind):
 
 
 def test_bench_guest_hlt_kind():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M") as m:
         m.load_guest("bench64", args=(6, 5))
@@ -154,7 +154,7 @@ def test_timeout_stops_a_spinning_guest(name):
 
 @pytest.mark.parametrize("c_loop", PATHS)
 def test_coalesced_uart_transmit_loses_nothing(c_loop):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     n = 32768
     with Machine(memory="16M", c_loop=c_loop) as m:

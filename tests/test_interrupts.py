@@ -27,7 +27,7 @@ def feed_later(machine, chunks, delay=0.2):
 
 
 def test_uart_interrupt_reaches_the_guest_handler():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", irqchip=True) as m:
         m.load_guest("uart_irq")
@@ -42,7 +42,7 @@ def test_uart_interrupt_reaches_the_guest_handler():
 
 
 def test_without_irqchip_hlt_comes_back_to_user_space():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", irqchip=False) as m:
         m.load_guest("uart_irq")
@@ -52,7 +52,7 @@ def test_without_irqchip_hlt_comes_back_to_user_space():
 
 
 def test_irqfd_raises_the_line_without_a_syscall_from_the_vcpu_thread():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", irqchip=True) as m:
         m.load_guest("uart_irq")

@@ -22,7 +22,7 @@ LABS = ROOT / "docs" / "labs"
 
 
 def nested() -> str | None:
-    from pykvm.check import nested_kvm_module
+    from pykvm.host import nested_kvm_module
 
     return nested_kvm_module()
 

@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
-from pykvm.x86 import bits, layout
+from pykvm.x86 import bits
+from pykvm.platform import layout
+from pykvm.platform.cpu_tables import GUEST_TABLES
+from pykvm.x86.state import MODES
 from pykvm.x86.modes import ModeNotSupported, ModeSetup, mode_registers, setup_mode
 from pykvm.x86.paging import translate
 from pykvm.x86.segments import USER_IO_PORTS, Gdt, Segment, tss_size
@@ -94,7 +97,7 @@ class FakeMemory:
 
 def _setup(mode: str, **kwargs: Any) -> tuple[FakeVcpu, FakeMemory, ModeSetup]:
     vcpu, memory = FakeVcpu(), FakeMemory()
-    result = setup_mode(mode, vcpu, memory, layout.load_address(mode), **kwargs)
+    result = setup_mode(mode, vcpu, memory, layout.load_address(mode), tables=GUEST_TABLES, **kwargs)
     return vcpu, memory, result
 
 
@@ -111,7 +114,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("mode", layout.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_control_registers_and_cs(mode: str) -> None:
     vcpu, _, result = _setup(mode)
     s = vcpu.sregs
@@ -142,11 +145,11 @@ def test_real_mode_state() -> None:
 
 def test_real_mode_entry_above_64k_uses_a_segment() -> None:
     vcpu, memory = FakeVcpu(), FakeMemory()
-    setup_mode("real", vcpu, memory, entry=0x12345, stack=0x9F000)
+    setup_mode("real", vcpu, memory, entry=0x12345, stack=0x9F000, tables=GUEST_TABLES)
     assert (vcpu.sregs.cs.selector, vcpu.sregs.cs.base, vcpu.regs.rip) == (0x1000, 0x10000, 0x2345)
     assert (vcpu.sregs.ss.selector, vcpu.sregs.ss.base, vcpu.regs.rsp) == (0x9000, 0x90000, 0xF000)
     with pytest.raises(ValueError, match="1 MiB"):
-        setup_mode("real", vcpu, memory, entry=0x100000)
+        setup_mode("real", vcpu, memory, entry=0x100000, tables=GUEST_TABLES)
 
 
 @pytest.mark.parametrize("mode", ["protected", "paged32", "long", "long_user"])
@@ -212,9 +215,9 @@ class PvmLikeVcpu(FakeVcpu):
 
 def test_dropped_paging_is_reported() -> None:
     with pytest.raises(ModeNotSupported, match=r"CR0 0x80010033 -> 0x10033 \(PG changed\).*long mode"):
-        setup_mode("paged32", PvmLikeVcpu(), FakeMemory(), layout.LOAD_ADDR)
+        setup_mode("paged32", PvmLikeVcpu(), FakeMemory(), layout.LOAD_ADDR, tables=GUEST_TABLES)
     for mode in ("real", "protected", "long", "long_user"):  # these keep their bits
-        setup_mode(mode, PvmLikeVcpu(), FakeMemory(), layout.load_address(mode))
+        setup_mode(mode, PvmLikeVcpu(), FakeMemory(), layout.load_address(mode), tables=GUEST_TABLES)
 
 
 def test_protected_tss_has_ring0_stack() -> None:
@@ -247,7 +250,7 @@ def test_page_tables_identity_map_4gib(mode: str, page_size: int, tables: int, u
 
 def test_unknown_mode() -> None:
     with pytest.raises(ValueError, match="long_user"):
-        setup_mode("unreal", FakeVcpu(), FakeMemory(), 0)
+        setup_mode("unreal", FakeVcpu(), FakeMemory(), 0, tables=GUEST_TABLES)
 
 
 def test_setup_prints_a_summary() -> None:

@@ -1,4 +1,4 @@
-"""pykvm.monitor: the QEMU-style monitor, fed lines without a terminal, from a script, and on a pty."""
+"""pykvm.inspect.monitor: the QEMU-style monitor, fed lines without a terminal, from a script, and on a pty."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def reg(dump: str, name: str) -> int:
 
 
 def test_parse_address():
-    from pykvm.monitor import MonitorError, parse_address
+    from pykvm.inspect.monitor import MonitorError, parse_address
 
     class Regs:
         rip, rsp, rax = 0x100040, 0x80000, 7
@@ -55,7 +55,7 @@ def test_parse_address():
 
 
 def test_describe_cr3_and_debugregs():
-    from pykvm.monitor import describe_cr3, describe_debugregs
+    from pykvm.inspect.registers import describe_cr3, describe_debugregs
     from pykvm.x86 import bits
 
     class S:
@@ -88,8 +88,8 @@ def test_describe_cr3_and_debugregs():
 
 @pytest.mark.kvm
 def test_monitor_answers_every_command():
-    from pykvm.machine import Machine
-    from pykvm.monitor import Monitor
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.monitor import Monitor
 
     image = guests.path("hello64").read_bytes()
     checksum = zlib.adler32(image)
@@ -161,8 +161,8 @@ def test_monitor_answers_every_command():
 
 @pytest.mark.kvm
 def test_monitor_stop_and_cont_a_spinning_guest():
-    from pykvm.machine import Machine
-    from pykvm.monitor import Monitor
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.monitor import Monitor
 
     with Machine(memory="16M", serial=None) as m:
         m.load_guest("spin64")
@@ -183,9 +183,9 @@ def test_monitor_stop_and_cont_a_spinning_guest():
 
 @pytest.mark.kvm
 def test_monitor_real_mode_and_sw_break_fallback():
-    from pykvm.machine import Machine
-    from pykvm.monitor import Monitor
-    from pykvm.trace import debug_support
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.monitor import Monitor
+    from pykvm.inspect.debug_support import debug_support
 
     with Machine(memory="16M", serial=None) as m:
         m.load_guest("hello16")
@@ -202,7 +202,7 @@ def test_monitor_real_mode_and_sw_break_fallback():
 
 @pytest.mark.kvm
 def test_monitor_bad_input_answers_in_one_line(machine):
-    from pykvm.monitor import Monitor
+    from pykvm.inspect.monitor import Monitor
 
     machine.load_guest("hello64")
     mon = Monitor(machine)
@@ -233,8 +233,9 @@ class _Recorder:
 
 @pytest.mark.kvm
 def test_console_mux_switches_with_ctrl_a_c():
-    from pykvm.machine import Machine
-    from pykvm.monitor import PROMPT, ConsoleMux, Monitor
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.console_mux import ConsoleMux
+    from pykvm.inspect.monitor import PROMPT, Monitor
 
     rec = _Recorder()
     with Machine(memory="16M", serial=None) as m:

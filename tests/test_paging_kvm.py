@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kvm
 
 @pytest.mark.parametrize("mode", ["long", "long_user"])
 def test_walker_agrees_with_kvm_translate(mode):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
     from pykvm.x86.paging import PageTables4Level, translate
 
     rng = random.Random(1234)

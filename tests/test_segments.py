@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.x86 import bits, layout
+from pykvm.x86 import bits
+from pykvm.platform import layout
+from pykvm.x86.state import MODES
 from pykvm.x86.segments import (
     KERNEL_CS,
     KERNEL_DS,
@@ -105,9 +107,9 @@ def test_well_known_descriptors(segment: Segment, expected: int) -> None:
 
 
 def test_flat_gdt_descriptors_are_the_textbook_constants() -> None:
-    assert bytes(flat_gdt("long").gdt)[8:24] == struct.pack("<QQ", 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
-    assert bytes(flat_gdt("protected").gdt)[8:24] == struct.pack("<QQ", 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
-    user = bytes(flat_gdt("long_user").gdt)
+    assert bytes(flat_gdt("long", layout.TSS_ADDR).gdt)[8:24] == struct.pack("<QQ", 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+    assert bytes(flat_gdt("protected", layout.TSS_ADDR).gdt)[8:24] == struct.pack("<QQ", 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
+    user = bytes(flat_gdt("long_user", layout.TSS_ADDR).gdt)
     assert struct.unpack_from("<4Q", user, 8) == (
         0x00AF9B000000FFFF,
         0x00CF93000000FFFF,
@@ -145,9 +147,9 @@ def test_kvm_segment_copy_both_ways() -> None:
 # --- the GDT ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", layout.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_gdt_bytes_round_trip(mode: str) -> None:
-    gdt = flat_gdt(mode).gdt
+    gdt = flat_gdt(mode, layout.TSS_ADDR).gdt
     decoded = Gdt.from_bytes(bytes(gdt), gdt.long_mode)
     assert list(decoded.entries()) == list(gdt.entries())
     assert bytes(decoded) == bytes(gdt)
@@ -155,7 +157,7 @@ def test_gdt_bytes_round_trip(mode: str) -> None:
 
 
 def test_long_user_gdt_layout_suits_sysret() -> None:
-    flat = flat_gdt("long_user")
+    flat = flat_gdt("long_user", layout.TSS_ADDR)
     gdt = flat.gdt
     assert (KERNEL_CS, KERNEL_DS, USER_DS, USER_CS) == (0x08, 0x10, 0x1B, 0x23)
     # SYSRET to 64-bit code: CS = STAR[63:48] + 16, SS = STAR[63:48] + 8, RPL forced to 3.
@@ -181,7 +183,7 @@ def test_long_user_gdt_layout_suits_sysret() -> None:
     ],
 )
 def test_flat_gdt_selectors(mode: str, cs: int, ds: int, tr: int, cs_bits: str) -> None:
-    flat = flat_gdt(mode)
+    flat = flat_gdt(mode, layout.TSS_ADDR)
     assert (flat.cs.selector, flat.ds.selector, flat.ss.selector, flat.tr.selector) == (cs, ds, ds, tr)
     assert flat.cs.describe().startswith(f"code {cs_bits}")
     assert flat.tr.type == bits.SYS_TYPE_TSS_BUSY and flat.tr.limit == tss_size(mode) - 1
@@ -191,7 +193,7 @@ def test_flat_gdt_selectors(mode: str, cs: int, ds: int, tr: int, cs_bits: str) 
 
 
 def test_real_mode_segments() -> None:
-    flat = flat_gdt("real")
+    flat = flat_gdt("real", layout.TSS_ADDR)
     assert flat.cs == real_mode_segment(0, code=True)
     seg = real_mode_segment(0x1234)
     assert (seg.base, seg.limit, seg.selector, seg.type) == (0x12340, 0xFFFF, 0x1234, 3)
@@ -200,7 +202,7 @@ def test_real_mode_segments() -> None:
 
 
 def test_gdt_table_prints_decoded_types() -> None:
-    text = str(flat_gdt("long_user").gdt)
+    text = str(flat_gdt("long_user", layout.TSS_ADDR).gdt)
     lines = text.splitlines()
     assert lines[0] == "GDT (IA-32e, 7 slots, limit 0x37)"
     assert lines[1].split() == ["index", "selector", "base", "limit", "type", "flags"]

@@ -1,4 +1,4 @@
-"""pykvm.trace and `pykvm trace`: single-stepping, breakpoints, exit tracing.
+"""pykvm.inspect.tracer and `pykvm trace`: single-stepping, breakpoints, exit tracing.
 
 The guests check themselves (Adler-32 of their own image), so a trace that
 lost or repeated an instruction, or a breakpoint that was not stepped over
@@ -14,6 +14,8 @@ import zlib
 
 import capstone
 import pytest
+
+from pykvm.inspect.tracer import Tracer
 
 from pykvm import guests
 
@@ -65,7 +67,7 @@ def adler32_loop_address(name: str, base: int, nbits: int) -> int:
 
 
 def test_decode_uses_the_requested_mode():
-    from pykvm.trace import decode
+    from pykvm.x86.disasm import decode
 
     code = bytes.fromhex("66be00800000")
     assert decode(code, 0x8001, 16).text == "mov esi, 0x8000"
@@ -75,7 +77,9 @@ def test_decode_uses_the_requested_mode():
 
 
 def test_format_step_and_changes():
-    from pykvm.trace import Instruction, Step, Stop, format_step
+    from pykvm.inspect.trace_format import format_step
+    from pykvm.inspect.tracer import Step, Stop
+    from pykvm.x86.disasm import Instruction
 
     insn = Instruction(0x8001, 0x8001, bytes.fromhex("66be00800000"), "mov esi, 0x8000", 16)
     step = Step(2, insn, (("rsi", 0, 0x8000), ("rflags", 2, 0x46)), (), None, 0x8007)
@@ -88,7 +92,9 @@ def test_format_step_and_changes():
 
 def test_format_exit_lines():
     from pykvm import exits
-    from pykvm.trace import ExitEvent, Instruction, format_exit
+    from pykvm.inspect.trace_format import format_exit
+    from pykvm.inspect.tracer import ExitEvent
+    from pykvm.x86.disasm import Instruction
 
     out = ExitEvent(3, exits.IoOut(0x3F8, 1, 1, b"H"), 0x100045, 0x100046,
                     Instruction(0x100045, 0x100045, b"\xee", "out dx, al", 64), True)
@@ -140,13 +146,13 @@ def test_trace_hello16_prints_50_instructions_in_16_bit_syntax():
 
 @pytest.mark.kvm
 def test_tracing_hello16_to_the_end_halts_with_the_right_checksum():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     image = guests.path("hello16").read_bytes()
     serial = bytearray()
     with Machine(memory="16M", serial=serial.extend) as m:
         m.load_guest("hello16")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             steps = list(tracer.trace())
         last = steps[-1]
         assert last.instruction.text == "hlt"
@@ -185,11 +191,11 @@ def check_control_flow(steps) -> None:
 @pytest.mark.parametrize("name", ["hello16", "hello64"])
 def test_whole_trace_follows_the_control_flow_through_port_io(name):
     """A step that exits to user space (OUT) must not swallow the next instruction (kvm_pvm loses its trap)."""
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M", serial=None) as m:
         m.load_guest(name)
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             steps = list(tracer.trace())
     assert steps[-1].stop.reason == "hlt"
     check_control_flow(steps)
@@ -230,13 +236,14 @@ def test_each_kind_of_exit_is_charged_to_its_own_instruction(tmp_path):
 def test_changed_registers_match_a_re_execution():
     """Run the same guest again with raw KVM_RUN single-steps and diff the registers independently."""
     from pykvm import exits
-    from pykvm.machine import Machine
-    from pykvm.trace import ENABLE, REGS, SINGLESTEP
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.debug_support import ENABLE, SINGLESTEP
+    from pykvm.inspect.tracer import REGS
 
     n = 400
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             steps = list(tracer.trace(n))
     assert len(steps) == n
     with Machine(memory="16M") as raw:
@@ -277,13 +284,13 @@ def test_trace_max_10000_is_fast_enough():
 
 @pytest.mark.kvm
 def test_hardware_breakpoint_stops_once_per_pass_and_steps_over():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     image = guests.path("hello64").read_bytes()
     address = adler32_loop_address("hello64", LONG_BASE, 64)
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             bp = tracer.add_breakpoint(address)
             assert (bp.kind, bp.slot) == ("hw", 0)
             rsi_seen = []
@@ -303,14 +310,14 @@ def test_hardware_breakpoint_stops_once_per_pass_and_steps_over():
 
 @pytest.mark.kvm
 def test_continuing_from_a_breakpoint_reaches_hlt_with_the_checksum():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     image = guests.path("hello64").read_bytes()
     address = adler32_loop_address("hello64", LONG_BASE, 64)
     serial = bytearray()
     with Machine(memory="16M", serial=serial.extend) as m:
         m.load_guest("hello64")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             bp = tracer.add_breakpoint(address)
             assert tracer.cont(timeout=20).reason == "breakpoint"
             tracer.remove_breakpoint(bp.number)
@@ -322,9 +329,9 @@ def test_continuing_from_a_breakpoint_reaches_hlt_with_the_checksum():
 
 @pytest.mark.kvm
 def test_software_breakpoint_falls_back_to_hardware_where_the_host_cannot():
-    from pykvm.check import nested_kvm_module
-    from pykvm.machine import Machine
-    from pykvm.trace import debug_support
+    from pykvm.host import nested_kvm_module
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.debug_support import debug_support
 
     image = guests.path("hello64").read_bytes()
     address = adler32_loop_address("hello64", LONG_BASE, 64)
@@ -334,7 +341,7 @@ def test_software_breakpoint_falls_back_to_hardware_where_the_host_cannot():
         assert "KVM_EXIT_INTERNAL_ERROR" in support.notes["sw_breakpoints"]
     with Machine(memory="16M", serial=None) as m:
         m.load_guest("hello64")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             bp = tracer.add_breakpoint(address, "sw")
             assert bp.requested == "sw"
             if not support.sw_breakpoints:
@@ -355,7 +362,7 @@ def test_software_breakpoint_falls_back_to_hardware_where_the_host_cannot():
 
 @pytest.mark.kvm
 def test_cli_sw_break_reports_the_fallback_and_stops_there():
-    from pykvm.trace import debug_support
+    from pykvm.inspect.debug_support import debug_support
 
     address = adler32_loop_address("hello64", LONG_BASE, 64)
     proc = pykvm("trace", "--guest", "hello64", "--sw-break", hex(address), "--max", "2")
@@ -370,12 +377,12 @@ def test_cli_sw_break_reports_the_fallback_and_stops_there():
 
 @pytest.mark.kvm
 def test_too_many_hardware_breakpoints_is_refused():
-    from pykvm.machine import Machine
-    from pykvm.trace import TraceError
+    from pykvm.platform.machine import Machine
+    from pykvm.errors import TraceError
 
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
-        with m.tracer() as tracer:
+        with Tracer(m) as tracer:
             for i in range(4):
                 assert tracer.add_breakpoint(LONG_BASE + i).slot == i
             with pytest.raises(TraceError, match="all 4 debug registers are in use"):
@@ -392,7 +399,7 @@ def test_too_many_hardware_breakpoints_is_refused():
 @pytest.mark.kvm
 @pytest.mark.parametrize("name", ["hello64", "hello16"])
 def test_exits_mode_has_one_line_per_exit_matching_run_result(name):
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="64M", serial=None) as m:
         m.load_guest(name)
@@ -421,7 +428,7 @@ def test_exits_mode_has_one_line_per_exit_matching_run_result(name):
 
 @pytest.mark.kvm
 def test_cpl3_tracing_is_refused_clearly_where_the_host_cannot_step():
-    from pykvm.trace import debug_support
+    from pykvm.inspect.debug_support import debug_support
 
     support = debug_support("long_user")
     proc = pykvm("trace", "--guest", "hello64u", "--max", "5")
@@ -457,7 +464,7 @@ def test_trace_bad_input_exits_2_with_one_line(args, message):
 
 @pytest.mark.kvm
 def test_debug_support_is_measured_and_cached():
-    from pykvm.trace import debug_support
+    from pykvm.inspect.debug_support import debug_support
 
     first = debug_support("long")
     assert first.singlestep and first.hw_breakpoints  # the tests above rely on these

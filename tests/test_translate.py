@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from pykvm import guests
+from pykvm.inspect.translate import translate_address
 from pykvm.x86 import bits
 
 LONG_BASE = 0x100000
@@ -34,12 +35,12 @@ def pagemap_shows_pfns() -> bool:
 
 @pytest.mark.kvm
 def test_hello64_entry_chain():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     image = guests.path("hello64").read_bytes()
     with Machine(memory="64M") as m:
         m.load_guest("hello64")
-        chain = m.translate(LONG_BASE)
+        chain = translate_address(m.vcpu, m.memory, LONG_BASE)
 
         # GVA -> GPA: pykvm identity-maps the first 4 GiB with 2 MiB pages
         assert chain.gpa == LONG_BASE
@@ -81,54 +82,54 @@ def test_hello64_entry_chain():
 
 @pytest.mark.kvm
 def test_hpa_of_two_pages_differs_and_matches_pagemap():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     if not pagemap_shows_pfns():
         pytest.skip("pagemap hides PFNs from this process (needs CAP_SYS_ADMIN)")
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
         m.memory.write(0x200000, b"x")  # a page of its own, written so it is not the zero page
-        a, b = m.translate(LONG_BASE), m.translate(0x200000)
+        a, b = translate_address(m.vcpu, m.memory, LONG_BASE), translate_address(m.vcpu, m.memory, 0x200000)
         assert a.hpa != b.hpa and b.hpa % 4096 == 0
         assert "zero-page" not in b.host.flags
 
 
 @pytest.mark.kvm
 def test_untouched_page_is_faulted_in_and_said_so():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     if not pagemap_shows_pfns():
         pytest.skip("pagemap hides PFNs from this process (needs CAP_SYS_ADMIN)")
     with Machine(memory="64M") as m:
         m.load_guest("hello64")
-        chain = m.translate(0x3000000)  # never written by anyone
+        chain = translate_address(m.vcpu, m.memory, 0x3000000)  # never written by anyone
         assert chain.hpa is not None and chain.host.faulted_in
         assert "faulted in by reading it first" in str(chain)
 
 
 @pytest.mark.kvm
 def test_unmapped_and_mmio_addresses():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
-        hole = m.translate(0xE000_0000)  # mapped by the page tables, but no slot: MMIO
+        hole = translate_address(m.vcpu, m.memory, 0xE000_0000)  # mapped by the page tables, but no slot: MMIO
         assert hole.gpa == 0xE000_0000 and hole.slot is None and hole.hva is None
         assert "no memory slot holds it" in str(hole)
-        far = m.translate(1 << 40)  # no PML4 entry
+        far = translate_address(m.vcpu, m.memory, 1 << 40)  # no PML4 entry
         assert far.gpa is None and far.walk.fault_level == "PML4"
         assert "fault: PML4 entry 2" in str(far) and "GPA: none" in str(far)
-        noncanonical = m.translate(1 << 47)
+        noncanonical = translate_address(m.vcpu, m.memory, 1 << 47)
         assert noncanonical.gpa is None and "not canonical" in str(noncanonical)
 
 
 @pytest.mark.kvm
 def test_real_mode_has_no_page_walk():
-    from pykvm.machine import Machine
+    from pykvm.platform.machine import Machine
 
     with Machine(memory="16M") as m:
         m.load_guest("hello16")
-        chain = m.translate(0x8000)
+        chain = translate_address(m.vcpu, m.memory, 0x8000)
         assert chain.gpa == 0x8000 and chain.levels == () and chain.walk.paging_mode == "none"
         assert "paging off" in str(chain)
         assert ctypes.string_at(chain.hva, 4) == guests.path("hello16").read_bytes()[:4]
@@ -136,8 +137,8 @@ def test_real_mode_has_no_page_walk():
 
 @pytest.mark.kvm
 def test_info_mem_mappings_of_the_shipped_modes():
-    from pykvm.machine import Machine
-    from pykvm.translate import format_mappings, mappings
+    from pykvm.platform.machine import Machine
+    from pykvm.inspect.translate import format_mappings, mappings
 
     with Machine(memory="16M") as m:
         m.load_guest("hello64")
@@ -166,7 +167,7 @@ class _Sregs:
 
 
 def test_mappings_merge_runs_and_keep_rights_apart():
-    from pykvm.translate import format_mappings, mappings
+    from pykvm.inspect.translate import format_mappings, mappings
     from pykvm.x86.paging import PageTables4Level
 
     ram = bytearray(1 << 20)
@@ -206,7 +207,7 @@ def _fake_pagemap(tmp_path, hva: int, entry: int):
 
 
 def test_host_page_reads_the_pfn(tmp_path):
-    from pykvm.translate import host_page
+    from pykvm.inspect.translate import host_page
 
     hva = 0x7F00_1234_5678
     pagemap = _fake_pagemap(tmp_path, hva, (1 << 63) | 0x1ABCD)
@@ -215,7 +216,7 @@ def test_host_page_reads_the_pfn(tmp_path):
 
 
 def test_host_page_says_why_when_pfns_are_hidden(tmp_path):
-    from pykvm.translate import host_page
+    from pykvm.inspect.translate import host_page
 
     hva = 0x7F00_0000_1000
     hidden = host_page(hva, pagemap=_fake_pagemap(tmp_path, hva, 1 << 63))

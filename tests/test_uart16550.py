@@ -414,9 +414,9 @@ def test_fast_path_allowed_with_receive_interrupts(h):
     assert h.uart.tx_fast_path_ok
 
 
-def test_on_state_change_called_when_fast_path_flips(h):
+def test_fast_path_changed_called_when_fast_path_flips(h):
     calls = []
-    h.uart.on_state_change = lambda: calls.append(h.uart.tx_fast_path_ok)
+    h.uart.fast_path_changed = lambda: calls.append(h.uart.tx_fast_path_ok)
     h.set(LCR, 0x03)  # no change
     assert calls == []
     h.set(LCR, DLAB | 0x03)
@@ -441,7 +441,7 @@ def test_accept_transmitted_uses_one_output_call_on_the_fast_path():
 
 def _state(uart: Uart16550) -> dict:
     """Everything the model holds, minus the host's callables."""
-    hooks = {"output", "interrupt", "on_state_change"}
+    hooks = {"output", "interrupt", "fast_path_changed"}
     return {k: v for k, v in vars(uart).items() if k not in hooks}
 
 

@@ -15,8 +15,8 @@ import re
 import zlib
 
 from pykvm import Machine, guests
-from pykvm.check import nested_kvm_module
-from pykvm.x86 import layout
+from pykvm.host import nested_kvm_module
+from pykvm.platform import layout
 from pykvm.x86.modes import ModeNotSupported, mode_registers
 from pykvm.x86.paging import translate, walk
 from pykvm.x86.segments import Gdt

@@ -17,11 +17,11 @@ import os
 
 from pykvm import Machine
 from pykvm._native_loader import ffi, lib
-from pykvm.check import nested_kvm_module
+from pykvm.host import nested_kvm_module
 from pykvm.guests import BENCH_KINDS
-from pykvm.runloop import PIO, READ_CONST, WRITE_DROP, FastRange
-from pykvm.split import format_split
-from pykvm.x86.layout import BENCH_PORT
+from pykvm.platform.cloop import PIO, READ_CONST, WRITE_DROP, FastRange
+from pykvm.inspect.split import format_split
+from pykvm.platform.layout import BENCH_PORT
 
 N = 2000
 # Entries in the coalesced ring: one page minus its header (first, last), in 24-byte records.

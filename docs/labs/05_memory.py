@@ -15,6 +15,7 @@ import os
 import struct
 
 from pykvm import Machine
+from pykvm.inspect.translate import translate_address
 from pykvm.x86.paging import GiB4, KiB4, MiB2, PageTables4Level, walk
 
 ALIAS_GVA = 0x7F00_0000_0000   # a virtual address far from anything identity-mapped
@@ -69,14 +70,11 @@ def pagemap(hva: int) -> tuple[bool, int]:
 
 
 def one_call(m: Machine, gva: int, gpa: int, hva: int, hpa: int | None) -> None:
-    """pykvm.translate does steps (1)-(3) in one call; compare, and list the guest's mappings."""
-    try:
-        from pykvm.translate import format_mappings, mappings
-        chain = m.translate(gva)
-    except (ImportError, AttributeError):
-        print("(5) pykvm.translate is not in this version of pykvm: the steps above are the whole chain")
-        return
-    print("(5) the same in one call, m.translate(gva) (pykvm.translate.translate_address):")
+    """pykvm.inspect.translate does steps (1)-(3) in one call; compare, and list the guest's mappings."""
+    from pykvm.inspect.translate import format_mappings, mappings
+
+    chain = translate_address(m.vcpu, m.memory, gva)
+    print("(5) the same in one call, translate_address(m.vcpu, m.memory, gva) (pykvm.inspect.translate):")
     print("\n".join("    " + line for line in str(chain).splitlines()))
     same = chain.gpa == gpa and chain.hva == hva and (hpa is None or chain.hpa == hpa)
     print(f"    agrees with steps (1)-(3): {'yes' if same else 'NO'}")

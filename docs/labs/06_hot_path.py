@@ -21,8 +21,8 @@ import time
 
 from pykvm import Machine, exits
 from pykvm.guests import BENCH_KINDS
-from pykvm.runloop import PIO, READ_CONST, WRITE_DROP, FastRange
-from pykvm.x86.layout import BENCH_PORT
+from pykvm.platform.cloop import PIO, READ_CONST, WRITE_DROP, FastRange
+from pykvm.platform.layout import BENCH_PORT
 
 N = 2000
 

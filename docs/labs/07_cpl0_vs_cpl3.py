@@ -12,7 +12,7 @@ executed in software.
 from __future__ import annotations
 
 from pykvm import Machine
-from pykvm.check import nested_kvm_module
+from pykvm.host import nested_kvm_module
 from pykvm.guests import BENCH_KINDS
 
 N_CPL0 = 3000          # ~1-2 us per iteration here: keep it small
