@@ -1,0 +1,1 @@
+"""VM state: snapshot and restore, migration, the GDB stub."""
