@@ -34,6 +34,8 @@ _RING_ENTRY = ffi.sizeof("struct kvm_coalesced_mmio")
 _RING_CAPACITY = (PAGE_SIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // _RING_ENTRY
 assert _RING_FORMAT.size == _RING_ENTRY
 
+_RUN_INTERRUPTED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN's normal returns for a signal / immediate_exit
+
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler, no SA_RESTART).
 KICK_SIGNAL = signal.SIGRTMIN
 
@@ -86,6 +88,26 @@ class Vcpu(FdOwner):
         """The shared ``struct kvm_run`` page: exit reason and data of the last KVM_RUN."""
 
     # -- who runs it, kicking and closing -----------------------------------------
+    def _enter(self) -> None:
+        """Claim the vCPU for this thread (re-entrant); see :meth:`running`."""
+        if not self._guard.acquire(blocking=False):
+            raise RuntimeError(f"vCPU {self.id} is already running on another thread")
+        if self._closing or self._fd < 0:
+            self._guard.release()
+            raise ValueError(f"vCPU {self.id} is closed")
+        self._depth += 1
+        if self._depth == 1:
+            self._runner = threading.get_ident()  # one store: kick() may read it at any time
+
+    def _leave(self) -> None:
+        self._depth -= 1
+        outermost = self._depth == 0
+        if outermost:
+            self._runner = None
+        self._guard.release()
+        if outermost and self._close_deferred:
+            self.close()  # asked for by this thread during the run
+
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Mark this thread as the one running the vCPU (re-entrant); ``close()`` waits for it.
@@ -93,25 +115,11 @@ class Vcpu(FdOwner):
         Raises ``RuntimeError`` if another thread is running this vCPU, and
         ``ValueError`` once it is closed or closing.
         """
-        if not self._guard.acquire(blocking=False):
-            raise RuntimeError(f"vCPU {self.id} is already running on another thread")
-        self._depth += 1
+        self._enter()
         try:
-            if self._closing or self._fd < 0:
-                raise ValueError(f"vCPU {self.id} is closed")
-            if self._depth == 1:
-                with self._kick_lock:
-                    self._runner = threading.get_ident()
             yield
         finally:
-            self._depth -= 1
-            outermost = self._depth == 0
-            if outermost:
-                with self._kick_lock:
-                    self._runner = None
-            self._guard.release()
-            if outermost and self._close_deferred:
-                self.close()  # asked for by this thread during the run
+            self._leave()
 
     @property
     def runner(self) -> int | None:
@@ -199,13 +207,16 @@ class Vcpu(FdOwner):
         set) are normal: they return ``exits.Interrupted``.  The GIL is
         released while the guest runs.
         """
-        with self.running():
-            rc = lib.pykvm_ioctl(self.fd, lib.KVM_RUN, 0)
+        self._enter()  # not `with running()`: a generator costs microseconds per exit
+        try:
+            rc = lib.pykvm_ioctl(self._fd, lib.KVM_RUN, 0)
             if rc < 0:
-                if -rc in (errno.EINTR, errno.EAGAIN):
+                if -rc in _RUN_INTERRUPTED:
                     return exits.INTERRUPTED
                 raise KvmError("KVM_RUN", -rc)
             return exits.decode(self.kvm_run)
+        finally:
+            self._leave()
 
     @property
     def immediate_exit(self) -> bool:
