@@ -41,39 +41,7 @@ typedef unsigned long size_t;
 #define barrier() __asm__ __volatile__("" ::: "memory")
 #define mb() __asm__ __volatile__("lock; addl $0, (%%rsp)" ::: "memory", "cc")
 
-static inline void outb(uint16_t port, uint8_t value)
-{
-    __asm__ __volatile__("outb %0, %1" : : "a"(value), "Nd"(port));
-}
-
-static inline uint8_t inb(uint16_t port)
-{
-    uint8_t value;
-    __asm__ __volatile__("inb %1, %0" : "=a"(value) : "Nd"(port));
-    return value;
-}
-
-static inline uint32_t mmio_read32(uintptr_t addr)
-{
-    return *(volatile uint32_t *)addr;
-}
-
-static inline void mmio_write32(uintptr_t addr, uint32_t value)
-{
-    *(volatile uint32_t *)addr = value;
-}
-
-static inline uint64_t rdtsc(void)
-{
-    uint32_t lo, hi;
-    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
-    return (uint64_t)hi << 32 | lo;
-}
-
-static inline void cpu_relax(void)
-{
-    __asm__ __volatile__("pause" ::: "memory");
-}
+#include "x86io.h"
 
 /* --- results (crt64.S loads them into RBX, RCX, RDI at the end) ----------- */
 extern uint64_t guest_aux[3];

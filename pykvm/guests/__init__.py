@@ -1,10 +1,10 @@
 """The tiny freestanding guests shipped with pykvm.
 
 The sources live in ``guests/`` at the top of the repository; ``make -C
-guests`` assembles them into flat binaries in this package's ``bin/``
-directory.  This module names them and says how to run each one: its CPU
-mode (one of the contract's mode names), load address, privilege level,
-arguments and how it stops.  It imports only pykvm's error tree and the
+guests`` assembles them into flat binaries (and the Multiboot PC guests
+into ELF kernels) in this package's ``bin/`` directory.  This module names
+them and says how to run each one: its CPU mode (one of the contract's mode
+names), load address, privilege level, arguments and how it stops.  It imports only pykvm's error tree and the
 platform's layout (pure data), so it works before the C extension is built.
 
 Example::
@@ -15,6 +15,12 @@ Example::
 
 Every guest checks itself: it computes something and reports it on COM1
 and in EAX/RAX, so a test asserts a value, not just "it halted".
+
+The Multiboot PC guests (``format == "multiboot"``: mbinfo, smp, pcprobe,
+acpiscan, ipiping) are ELF32 kernels that QEMU's ``-M pc -kernel`` boots
+unchanged.  They report lines ``key: value`` on COM1, ending with ``done: ok``
+or ``done: fail <why>``, and stop through isa-debug-exit at port 0xf4;
+:mod:`pykvm.guests.reports` parses the report.
 """
 
 from __future__ import annotations
@@ -78,6 +84,14 @@ _VIRTIO_ARGS = (
 )
 
 
+_MULTIBOOT_ARGS = (
+    "none in registers (EAX = 0x2BADB002, EBX = the Multiboot information); reports `key: value` "
+    "lines on COM1 ending with `done: ok` or `done: fail <why>` (pykvm.guests.reports.parse_report), "
+    "then writes the status to port 0xf4 (0 ok, 1 a check failed, 2 not started by a Multiboot "
+    "loader, 3 the platform lacks something, 4 a timeout, 5 a CPU exception)"
+)
+
+
 @dataclass(frozen=True)
 class GuestInfo:
     """What a host needs to know to run one guest.
@@ -91,8 +105,20 @@ class GuestInfo:
         cpl: privilege level the code runs at (0, or 3 for ``long_user``).
         args: what arg0 (EDI/RDI) and arg1 (ESI/RSI) mean, and the result.
         stop: how the guest ends: ``hlt`` (KVM_EXIT_HLT), ``reset`` (0xFE
-            written to port 0x64), ``never`` (spins until stopped) or
-            ``shutdown`` (triple fault, KVM_EXIT_SHUTDOWN).
+            written to port 0x64), ``never`` (spins until stopped),
+            ``shutdown`` (triple fault, KVM_EXIT_SHUTDOWN) or ``debug-exit``
+            (a 4-byte write of the status to isa-debug-exit at port 0xf4:
+            :data:`pykvm.guests.reports.DEBUG_EXIT_CODES`).
+        format: ``flat`` (``bin/<name>.bin``, loaded at ``load_addr`` and
+            entered in ``mode``) or ``multiboot`` (``bin/<name>.elf``, a
+            Multiboot v1 ELF32 kernel: the loader places it, ``mode`` and
+            ``load_addr`` only describe where it starts).
+        needs: what the guest needs from the platform besides RAM, COM1 and
+            its loader: ``pc`` (QEMU ``-M pc``'s fw_cfg, CMOS/RTC, PCI
+            configuration ports, PIT channel 2 with port 0x61, ACPI tables
+            in the BIOS area, the xAPIC at 0xfee00000), ``smp`` (more than
+            one CPU, the APs started by INIT-SIPI-SIPI).
+        cmdline: the default kernel command line (Multiboot guests).
     """
 
     name: str
@@ -102,6 +128,14 @@ class GuestInfo:
     cpl: int
     args: str
     stop: str
+    format: str = "flat"
+    needs: tuple[str, ...] = ()
+    cmdline: str = ""
+
+    @property
+    def file_name(self) -> str:
+        """The binary's name in :data:`BIN_DIR`: ``<name>.bin`` or, for Multiboot kernels, ``<name>.elf``."""
+        return f"{self.name}.elf" if self.format == "multiboot" else f"{self.name}.bin"
 
 
 def _guest(name: str, mode: str, description: str, args: str = "none") -> GuestInfo:
@@ -115,6 +149,22 @@ def _guest(name: str, mode: str, description: str, args: str = "none") -> GuestI
         cpl=3 if user else 0,
         args=args,
         stop="reset" if user else "hlt",
+    )
+
+
+def _multiboot(name: str, description: str, needs: tuple[str, ...] = ("pc",), cmdline: str = "") -> GuestInfo:
+    """A Multiboot PC guest (guests/README.md): ELF32, 32-bit protected mode, ends through isa-debug-exit."""
+    return GuestInfo(
+        name=name,
+        mode="protected",
+        load_addr=LOAD_ADDR,
+        description=description,
+        cpl=0,
+        args=_MULTIBOOT_ARGS + (f"; command line {cmdline!r} by default" if cmdline else ""),
+        stop="debug-exit",
+        format="multiboot",
+        needs=needs,
+        cmdline=cmdline,
     )
 
 
@@ -229,6 +279,36 @@ GUESTS: dict[str, GuestInfo] = {
             "none",
             "shutdown",
         ),
+        _multiboot(
+            "mbinfo",
+            "prints its Multiboot information (flags, memory, command line, loader name, modules with "
+            "their Adler-32, memory map, and where each lies) and checks that nothing is in page 0, "
+            "overlaps the kernel or another module",
+            needs=(),
+        ),
+        _multiboot(
+            "smp",
+            "SMP bring-up: CPU count from fw_cfg (MADT cross-check), INIT-SIPI-SIPI with a real-mode "
+            "trampoline at 0x8000, each AP adds its APIC ID with lock xadd; prints cpus, apic_ids, sum",
+            needs=("pc", "smp"),
+        ),
+        _multiboot(
+            "pcprobe",
+            "reads fw_cfg (signature, ID, CPUs, RAM size, file directory, a DMA read), the CMOS memory "
+            "bytes, register D and a ticking RTC, and PCI bus 0; cross-checks CPUs and RAM size",
+        ),
+        _multiboot(
+            "acpiscan",
+            "finds the RSDP, checks every ACPI table's checksum, prints the MADT's CPUs, IOAPIC and "
+            "overrides, and measures the PM timer against the PIT-calibrated TSC (3.579545 MHz +-2%)",
+        ),
+        _multiboot(
+            "ipiping",
+            "two CPUs ping-pong fixed IPIs (vector 0x30) N times, handlers without IRET; prints the TSC "
+            "cycles per round trip; `iterations=N` on the command line",
+            needs=("pc", "smp"),
+            cmdline="iterations=1000",
+        ),
     )
 }
 
@@ -253,20 +333,20 @@ def info(name: str) -> GuestInfo:
 
 
 def path(name: str, bin_dir: Path | str | None = None) -> Path:
-    """Return the path of guest *name*'s flat binary.
+    """Return the path of guest *name*'s binary (``.bin``, or ``.elf`` for a Multiboot guest).
 
     Args:
         name: a guest name from :func:`names`.
-        bin_dir: directory holding the ``.bin`` files; default :data:`BIN_DIR`
+        bin_dir: directory holding the binaries; default :data:`BIN_DIR`
             (use it with ``make -C guests OUT=...``).
 
     Raises:
         GuestNotFound: *name* is not a shipped guest.
         GuestNotBuilt: the binary does not exist yet.
     """
-    info(name)
+    guest = info(name)
     directory = Path(bin_dir) if bin_dir is not None else BIN_DIR
-    file = directory / f"{name}.bin"
+    file = directory / guest.file_name
     if not file.is_file():
         raise GuestNotBuilt(
             f"guest {name!r} is not built: {file} does not exist; "
