@@ -20,6 +20,7 @@
     ├── MonitorError                a monitor command cannot be carried out (its text is the answer)
     ├── GuestNotFound (LookupError) not one of the shipped guests
     ├── GuestNotBuilt (FileNotFoundError)  a shipped guest whose binary is not built
+    ├── ReportError (ValueError)    a guest's report that cannot be parsed
     ├── UsageError                  bad command-line input (one line, exit status 2)
     └── BenchError (RuntimeError)   a benchmark could not measure what it set out to
 
@@ -168,6 +169,10 @@ class GuestNotFound(PykvmError, LookupError):
 
 class GuestNotBuilt(PykvmError, FileNotFoundError):
     """The guest is known but its .bin has not been built (run make)."""
+
+
+class ReportError(PykvmError, ValueError):
+    """A guest report that cannot be parsed: no ``guest:`` line, a value not of its kind, or (strict) junk."""
 
 
 class UsageError(PykvmError):
