@@ -33,6 +33,7 @@ import logging
 import os
 import select
 import threading
+from collections import deque
 from collections.abc import Callable
 
 log = logging.getLogger("pykvm.iothread")
@@ -65,6 +66,7 @@ class IoThread:
         self.wakeups: dict[int, int] = {}
         #: Handler calls that raised (logged; the thread carries on).
         self.errors = 0
+        self._soon: deque[Callable[[], None]] = deque()  # call_soon(): run after the next poll
 
     # -- set-up ----------------------------------------------------------------
     def eventfd(self) -> int:
@@ -85,6 +87,21 @@ class IoThread:
             self._handlers[fd] = handler
             self.wakeups.setdefault(fd, 0)
             self._generation += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        else:
+            os.eventfd_write(self._wake, 1)
+
+    def call_soon(self, work: Callable[[], None]) -> None:
+        """Run ``work()`` on this thread after it has served the eventfds that are ready; any thread.
+
+        A device that stopped at its work budget continues this way, so one
+        queue never starves the others (nor delays ``close()`` for long).
+        """
+        if self._closed:
+            return
+        self._soon.append(work)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
@@ -117,7 +134,7 @@ class IoThread:
                     poller.register(self._wake, select.POLLIN)
                     for fd in handlers:
                         poller.register(fd, select.POLLIN)
-            for fd, _events in poller.poll():
+            for fd, _events in poller.poll(0 if self._soon else None):
                 if fd == self._wake:
                     _clear(fd)
                     continue
@@ -125,12 +142,19 @@ class IoThread:
                 if handler is None or not _clear(fd):
                     continue  # unwatched meanwhile, or another reader took it
                 self.wakeups[fd] = self.wakeups.get(fd, 0) + 1
-                try:
-                    handler()
-                except Exception:  # a device bug must not stop every other device
-                    self.errors += 1
-                    if self.errors <= _MAX_LOGGED_ERRORS:
-                        log.exception("%s: handler for fd %d failed", self.name, fd)
+                self._call(handler, f"handler for fd {fd}")
+            for _ in range(len(self._soon)):  # only what was queued before: new work waits a poll
+                if self._stopping:
+                    break
+                self._call(self._soon.popleft(), "deferred work")
+
+    def _call(self, work: Callable[[], None], what: str) -> None:
+        try:
+            work()
+        except Exception:  # a device bug must not stop every other device
+            self.errors += 1
+            if self.errors <= _MAX_LOGGED_ERRORS:
+                log.exception("%s: %s failed", self.name, what)
 
     # -- ownership ----------------------------------------------------------------
     def close(self) -> None:
@@ -151,6 +175,7 @@ class IoThread:
                 pass
         self._owned.clear()
         self._handlers.clear()
+        self._soon.clear()
 
     def __enter__(self) -> "IoThread":
         return self

@@ -158,10 +158,23 @@ class VcpuLoop:
         self._attention = True
 
     def post(self, work: Callable[[], None]) -> None:
-        """Run ``work()`` on the vCPU's thread before it next enters the guest; safe from any thread."""
+        """Run ``work()`` on the vCPU's thread before it next enters the guest; safe from any thread.
+
+        From the vCPU's own thread (a device continuing its work in rounds)
+        the next KVM_RUN returns at once, so the stop flags are looked at
+        between rounds: a stop or a deadline is never held up by device work.
+        """
         self._posted.append(work)
         self._attention = True
-        self._kick_unless_mine()
+        runner = self.vcpu.runner
+        if runner is None:
+            return
+        if runner == threading.get_ident():
+            run = self.vcpu.kvm_run
+            if run is not None:
+                run.immediate_exit = 1
+        else:
+            self.vcpu.kick()
 
     def request_stop(self, reason: str = "paused") -> None:
         """Make a running :meth:`run` return soon with ``reason``; before a run, the next run returns at once."""
@@ -248,7 +261,7 @@ class VcpuLoop:
         """Work posted by other threads, and a new fast-path table, before re-entering the guest."""
         self._attention = False
         posted = self._posted
-        while posted:
+        for _ in range(len(posted)):  # what was posted until now; what this posts waits a round
             posted.popleft()()
         if not self._observing and self.table.generation != self.fastpath.generation:
             self.table.install()

@@ -75,13 +75,15 @@ class VirtioWiring:
     """
 
     def __init__(self, vm, memory, *, irqchip: bool, add_device: Callable[..., None],
-                 remove_device: Callable[[object], None], irq_line: Callable[[int], Callable[[bool], None]]) -> None:
+                 remove_device: Callable[[object], None], irq_line: Callable[[int], Callable[[bool], None]],
+                 post: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.vm = vm
         self.memory = memory
         self.irqchip = irqchip
         self._add_device = add_device
         self._remove_device = remove_device
         self._irq_line = irq_line
+        self._post = post  # run work on the vCPU thread before it re-enters the guest
         self.slots: list[VirtioSlot] = []
         self.iothread: IoThread | None = None  # made by the first device that needs it
 
@@ -129,6 +131,11 @@ class VirtioWiring:
         from pykvm.virtio.mmio import QUEUE_NOTIFY
 
         io, transport = self.iothread, slot.transport
+        # A queue with more work than one round continues where its doorbell is served.
+        if io is not None:
+            transport.reschedule = lambda index, t=transport: io.call_soon(lambda: t.process_queue(index))
+        elif self._post is not None:
+            transport.reschedule = lambda index, t=transport: self._post(lambda: t.process_queue(index))
         if slot.interrupt == "irq_line":
             transport.interrupt = self._irq_line(slot.irq)
         else:

@@ -105,7 +105,7 @@ class VirtioTransport(Protocol):
     lock: threading.RLock
 
     def process_queue(self, index: int) -> None:
-        """Let the device process queue ``index`` now, under the lock."""
+        """Let the device process queue ``index`` now, under the lock (one round; the rest later)."""
         ...
 
     def signal_used(self, index: int) -> None:
@@ -124,7 +124,11 @@ class VirtioDevice:
     its device-specific feature bits (0-23) to ``__init__``, and overrides:
 
     * :meth:`notify` -- process a queue (the driver kicked it, or the host
-      has something for it); may raise :class:`VirtqueueError`;
+      has something for it); may raise :class:`VirtqueueError`.  It does at
+      most one round of work -- :attr:`ROUND_CHAINS` chains and
+      :attr:`ROUND_BYTES` bytes -- and returns True when more is waiting: the
+      transport then continues later (``reschedule``), so one doorbell can
+      never keep a host thread busy, nor make a stop or a deadline wait;
     * :meth:`config_space` / :meth:`write_config` -- its configuration space;
     * :meth:`on_activate` / :meth:`on_reset` -- start and stop.
 
@@ -135,6 +139,9 @@ class VirtioDevice:
 
     device_id = 0
     name = "virtio"
+    #: Work done per call of :meth:`notify` at most (then it returns True and is called again).
+    ROUND_CHAINS = 64
+    ROUND_BYTES = 16 << 20
 
     def __init__(self, queue_sizes: Sequence[int], features: int = 0) -> None:
         self.queue_sizes = tuple(queue_sizes)
@@ -170,8 +177,8 @@ class VirtioDevice:
         self.driver_features = 0
         self.on_reset()
 
-    def notify(self, index: int) -> None:
-        """Process queue ``index``: the driver made buffers available."""
+    def notify(self, index: int) -> bool:
+        """Process queue ``index`` (one round at most); True when work is left for another round."""
         raise NotImplementedError
 
     def config_space(self) -> bytes:

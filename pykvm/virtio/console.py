@@ -110,6 +110,7 @@ class ConsolePort:
     pending: bytearray = field(default_factory=bytearray)  # host input not yet in the guest
     ready: bool = False  # multiport: the driver sent PORT_READY
     guest_open: bool = False  # multiport: a guest program has the port open
+    sending: tuple | None = None  # (chain, bytes already sent): a transmit chain cut by the round's budget
 
     @property
     def is_console(self) -> bool:
@@ -213,22 +214,23 @@ class VirtioConsole(VirtioDevice):
     def on_reset(self) -> None:
         for port in self.ports:
             port.ready = port.guest_open = False
+            port.sending = None
         self._control_out.clear()  # host input survives: it is outside the device
 
-    def notify(self, index: int) -> None:
+    def notify(self, index: int) -> bool:
+        """One round of work on queue ``index``; True when more is waiting (VirtioDevice.notify)."""
         multiport = self.has_feature(VIRTIO_CONSOLE_F_MULTIPORT)
         if index == CONTROL_RECEIVEQ and multiport:
             self._flush_control()
-        elif index == CONTROL_TRANSMITQ and multiport:
-            self._handle_control()
-        else:
-            port_id, is_receiveq = self._port_of_queue(index)
-            if port_id >= len(self.ports) or (port_id and not multiport):
-                return
-            if is_receiveq:
-                self._fill_receiveq(self.ports[port_id])
-            else:
-                self._drain_transmitq(self.ports[port_id])
+            return False
+        if index == CONTROL_TRANSMITQ and multiport:
+            return self._handle_control()
+        port_id, is_receiveq = self._port_of_queue(index)
+        if port_id >= len(self.ports) or (port_id and not multiport):
+            return False
+        if is_receiveq:
+            return self._fill_receiveq(self.ports[port_id])
+        return self._drain_transmitq(self.ports[port_id])
 
     @staticmethod
     def _port_of_queue(index: int) -> tuple[int, bool]:
@@ -245,14 +247,18 @@ class VirtioConsole(VirtioDevice):
             chain = queue.pop()
         return chain
 
-    def _fill_receiveq(self, port: ConsolePort) -> None:
-        """Copy pending host input into the receiveq's buffers (5.3.6)."""
+    def _fill_receiveq(self, port: ConsolePort) -> bool:
+        """Copy pending host input into the receiveq's buffers (5.3.6), a round's worth of chains."""
         index = port_queues(port.id)[0]
         queue = self.queues[index]
         if not (self.active and queue.ready):
-            return
+            return False
         used = False
+        chains = 0
         while port.pending:
+            if chains == self.ROUND_CHAINS:
+                break
+            chains += 1
             chain = self._next_chain(queue)
             if chain is None:
                 break  # input waits for the driver's next buffers
@@ -265,21 +271,46 @@ class VirtioConsole(VirtioDevice):
             used = True
         if used:
             self.signal_used(index)
+        return bool(port.pending) and chains == self.ROUND_CHAINS
 
-    def _drain_transmitq(self, port: ConsolePort) -> None:
-        """Send every available transmit buffer to the port's backend (5.3.6)."""
+    def _drain_transmitq(self, port: ConsolePort) -> bool:
+        """Send available transmit buffers to the port's backend (5.3.6), one round's budget at most.
+
+        A round ends after ROUND_CHAINS chains or ROUND_BYTES bytes, even in
+        the middle of a chain (a hostile driver may describe 4 GiB in one):
+        the port remembers how far it got, and the next round goes on there.
+        """
         index = port_queues(port.id)[1]
         queue = self.queues[index]
         used = False
-        while (chain := self._next_chain(queue)) is not None:
-            if chain.writable:
-                raise VirtqueueError(f"virtqueue {index}: device-writable buffer in a transmitq (5.3.6.1)")
-            for piece in chain.iter_readable():
+        chains, budget = 0, self.ROUND_BYTES
+        while True:
+            if port.sending is None:
+                if chains == self.ROUND_CHAINS:
+                    break
+                chain = self._next_chain(queue)
+                if chain is None:
+                    break
+                if chain.writable:
+                    raise VirtqueueError(f"virtqueue {index}: device-writable buffer in a transmitq (5.3.6.1)")
+                chains += 1
+                port.sending = (chain, 0)
+            chain, sent = port.sending
+            for piece in chain.iter_readable(start=sent, limit=budget):
                 self._output(port, piece)
+                sent += len(piece)
+                budget -= len(piece)
+            if sent < chain.readable_length:  # the budget ran out inside this chain
+                port.sending = (chain, sent)
+                break
+            port.sending = None
             queue.push(chain, 0)
             used = True
+            if budget == 0:
+                break
         if used:
             self.signal_used(index)
+        return port.sending is not None or chains == self.ROUND_CHAINS or budget == 0
 
     def _output(self, port: ConsolePort, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -317,11 +348,13 @@ class VirtioConsole(VirtioDevice):
         if used:
             self.signal_used(CONTROL_RECEIVEQ)
 
-    def _handle_control(self) -> None:
-        """Read the driver's control messages and answer them."""
+    def _handle_control(self) -> bool:
+        """Read the driver's control messages and answer them, a round's worth at most."""
         queue = self.queues[CONTROL_TRANSMITQ]
         used = False
-        while (chain := self._next_chain(queue)) is not None:
+        chains = 0
+        while chains < self.ROUND_CHAINS and (chain := self._next_chain(queue)) is not None:
+            chains += 1
             if chain.writable:
                 raise VirtqueueError("virtqueue 3: device-writable buffer in the control transmitq")
             message = chain.read(_CONTROL.size)
@@ -333,6 +366,7 @@ class VirtioConsole(VirtioDevice):
             self._control_event(*_CONTROL.unpack(message))
         if used:
             self.signal_used(CONTROL_TRANSMITQ)
+        return chains == self.ROUND_CHAINS
 
     def _control_event(self, port_id: int, event: int, value: int) -> None:
         if event == DEVICE_READY:

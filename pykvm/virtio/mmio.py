@@ -185,6 +185,8 @@ class VirtioMmioDevice:
         self.last_error: str | None = None
         self._log = GuestLog(log)  # every line below is the guest's doing: rate-limited
         self._irq_level = False
+        #: ``reschedule(index)``: continue queue ``index`` later (set by the platform; None: at once, here).
+        self.reschedule: Callable[[int], None] | None = None
         #: The eventfd a C-loop doorbell signals (notify="c"), or -1: then QueueNotify exits to Python.
         self.doorbell_fd = -1
         self.fast_path_changed: Callable[[], None] | None = None
@@ -421,17 +423,26 @@ class VirtioMmioDevice:
         The QueueNotify register calls this; so may the host directly, from
         any thread, when the notification arrived another way (the C run
         loop, or an ioeventfd).  Does nothing unless the device is running
-        and the queue ready.
+        and the queue ready.  The device does one round of work; if more is
+        waiting, :attr:`reschedule` is asked to call this again later (the
+        platform hands it to the I/O thread or the vCPU loop, which look at
+        their stop flags between rounds); without one, the rounds run here.
         """
-        with self.lock:
-            if not self.running:
+        while True:
+            with self.lock:
+                if not self.running:
+                    return
+                if not 0 <= index < len(self.queues) or not self.queues[index].ready:
+                    log.debug("%s: notification for queue %d ignored (no such queue or not ready)",
+                              self.name, index)
+                    return
+                self.notifications += 1
+                more = self._guarded(self.device.notify, index)
+            if not more:
                 return
-            if not 0 <= index < len(self.queues) or not self.queues[index].ready:
-                log.debug("%s: notification for queue %d ignored (no such queue or not ready)",
-                          self.name, index)
+            if self.reschedule is not None:
+                self.reschedule(index)
                 return
-            self.notifications += 1
-            self._guarded(self.device.notify, index)
 
     def signal_used(self, index: int) -> None:
         """Raise the used-buffer interrupt if queue ``index``'s driver wants it (2.7.7)."""
@@ -460,10 +471,10 @@ class VirtioMmioDevice:
 
     # -- errors ------------------------------------------------------------------
 
-    def _guarded(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``function``; a VirtqueueError puts the device in NEEDS_RESET."""
+    def _guarded(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``function`` and return what it returns; a VirtqueueError puts the device in NEEDS_RESET."""
         try:
-            function(*args, **kwargs)
+            return function(*args, **kwargs)
         except VirtqueueError as error:
             self._device_error(error)
 

@@ -68,8 +68,6 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
 #: A chain may not describe more than 2**32 bytes in total (2.7.5.2).
 MAX_CHAIN_BYTES = 1 << 32
-#: Our bound on an indirect table (the spec sets none beyond its le32 length).
-MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 
 DESCRIPTOR_SIZE = 16
 _DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
@@ -127,12 +125,21 @@ class DescriptorChain:
         """Bytes the device may write (room for its reply)."""
         return sum(s.length for s in self.writable)
 
-    def iter_readable(self, chunk: int = 1 << 16) -> Iterator[bytes]:
-        """Yield the readable bytes in order, at most ``chunk`` at a time."""
+    def iter_readable(self, chunk: int = 1 << 16, *, start: int = 0, limit: int | None = None) -> Iterator[bytes]:
+        """Yield the readable bytes from byte ``start`` on, in order, ``chunk`` at a time, ``limit`` in all."""
+        left = self.readable_length if limit is None else limit
+        skip = start
         for segment in self.readable:
-            for offset in range(0, segment.length, chunk):
-                size = min(chunk, segment.length - offset)
+            if skip >= segment.length:
+                skip -= segment.length
+                continue
+            for offset in range(skip, segment.length, chunk):
+                if left <= 0:
+                    return
+                size = min(chunk, segment.length - offset, left)
                 yield _guest_read(self.memory, segment.addr + offset, size)
+                left -= size
+            skip = 0
 
     def read(self, limit: int | None = None) -> bytes:
         """Gather up to ``limit`` readable bytes (all of them by default)."""
@@ -263,10 +270,10 @@ class SplitVirtqueue:
         """Follow the chain at ``head`` and validate every descriptor (2.7.5).
 
         Each table bounds the walk: at most ``size`` descriptors are taken
-        from the descriptor table (2.7.5.3.1: no chain longer than the queue
-        size) and at most the table's own entry count from an indirect table
-        (as QEMU does: Linux builds indirect tables longer than small rings).
-        A ``next`` loop therefore ends in an error, never a hang.
+        from the descriptor table, and an indirect table may hold at most
+        ``size`` entries too (2.7.5.3.1: no chain longer than the queue size).
+        So a ``next`` loop ends in an error, never a hang, and one chain costs
+        at most a queue size of descriptors to walk.
         """
         size = self.size
         if head >= size:
@@ -295,8 +302,9 @@ class SplitVirtqueue:
                     self._fail("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % DESCRIPTOR_SIZE:
                     self._fail(f"indirect table length {length} is not a non-zero multiple of 16")
-                if length > MAX_INDIRECT_ENTRIES * DESCRIPTOR_SIZE:
-                    self._fail(f"indirect table of {length // DESCRIPTOR_SIZE} entries is too long")
+                if length > size * DESCRIPTOR_SIZE:
+                    self._fail(f"indirect table of {length // DESCRIPTOR_SIZE} entries is longer than the "
+                               f"queue ({size}; 2.7.5.3.1)")
                 if not self.memory.is_mapped(addr, length):
                     self._fail(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
                 table, entries = addr, length // DESCRIPTOR_SIZE
