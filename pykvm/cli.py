@@ -21,6 +21,7 @@ KVM cannot run the guest's CPU mode (e.g. 32-bit paging on kvm_pvm);
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -51,6 +52,9 @@ def _args_pair(text: str) -> tuple[int, int]:
     parts = [_int(p) for p in text.split(",") if p]
     if not 1 <= len(parts) <= 2:
         raise argparse.ArgumentTypeError("give one or two numbers: ARG0[,ARG1]")
+    for value in parts:
+        if not 0 <= value < 1 << 64:
+            raise argparse.ArgumentTypeError(f"{value:#x} does not fit a 64-bit register (0 to 2**64-1)")
     return (parts + [0])[0], (parts + [0, 0])[1]
 
 
@@ -66,9 +70,38 @@ def _timeout(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the timeout must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"the timeout must be a finite number of seconds above 0, not {text!r}")
     return value
+
+
+_ESCAPES = {"\\": b"\\", "n": b"\n", "r": b"\r", "t": b"\t", "0": b"\0", "a": b"\a", "e": b"\x1b"}
+
+
+def input_bytes(text: str) -> bytes:
+    """``--input``'s text as bytes: UTF-8, with the escapes \\n \\r \\t \\0 \\a \\e \\\\ and \\xHH."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "\\":
+            out += char.encode("utf-8", "surrogateescape")
+            i += 1
+            continue
+        escape = text[i + 1:i + 2]
+        if escape == "x":
+            digits = text[i + 2:i + 4]
+            if len(digits) != 2 or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                raise UsageError(f"--input: \\x at offset {i} needs two hex digits")
+            out.append(int(digits, 16))
+            i += 4
+        elif escape in _ESCAPES:
+            out += _ESCAPES[escape]
+            i += 2
+        else:
+            what = f"\\{escape}" if escape else "a lone \\ at the end"
+            raise UsageError(f"--input: unknown escape {what} (use \\n \\r \\t \\0 \\xHH or \\\\)")
+    return bytes(out)
 
 
 def _add_image_args(parser: argparse.ArgumentParser) -> None:
@@ -150,14 +183,15 @@ def _serial_sink(spec: str) -> tuple[Callable[[bytes], None] | None, Callable[[]
         return None, lambda: None
     if spec.startswith("file:") and len(spec) > 5:
         try:
-            f = open(spec[5:], "wb")
+            fd = os.open(spec[5:], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise UsageError(f"-serial {spec}: {exc.strerror}") from None
 
-        def write_file(data: bytes) -> None:
-            f.write(data)
-            f.flush()
-        return write_file, f.close
+        def write_file(data: bytes) -> None:  # unbuffered: a failure shows at once, not at close
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        return write_file, lambda: os.close(fd)
     raise UsageError(f"-serial {spec!r}: use stdio, file:PATH or none")
 
 
@@ -186,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.monitor not in (None, "none") or args.monitor_script is not None or args.freeze:
             return _monitor_session(machine, args)
         if args.input is not None:
-            machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+            machine.feed_serial(input_bytes(args.input))
         elif args.serial == "stdio" and not sys.stdin.isatty():
             _forward_stdin(machine)
         result = machine.run(timeout=args.timeout)
@@ -279,8 +313,9 @@ def _load_for(machine, args, command: str) -> int | None:
 
 
 def _failure_status(ended: str) -> int:
-    """The exit status of a run that did not end cleanly: timeout, Ctrl-C, or a crash."""
-    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED}.get(ended, EXIT_GUEST_CRASHED)
+    """The exit status of a run that did not end cleanly: timeout, Ctrl-C, output that failed, or a crash."""
+    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED, "output-error": EXIT_BAD_INPUT}.get(
+        ended, EXIT_GUEST_CRASHED)
 
 
 def _stop_status(stop) -> int:
@@ -379,7 +414,7 @@ def _monitor_session(machine, args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--monitor-script {args.monitor_script}: {exc.strerror}") from None
     if args.input is not None:
-        machine.feed_serial(args.input.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+        machine.feed_serial(input_bytes(args.input))
     out = sys.stdout
 
     def write(text: str) -> None:

@@ -9,7 +9,9 @@ can make the host touch memory outside the guest's.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
@@ -20,25 +22,34 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # no suffix: MiB, as QEMU's -m
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+MAX_SIZE = 1 << 64
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a QEMU-style size: ``64M``, ``1G``, ``4096`` (bytes; a bare number >= 1 MiB... is bytes)."""
+    """Parse a QEMU-style size: ``64M``, ``1G``, ``1.5G``, ``512`` (a bare number is MiB, as QEMU's ``-m``).
+
+    Only plain decimal numbers with an optional K/M/G/T suffix: ``inf``,
+    ``nan``, ``1e400`` and negative sizes are refused with ``ValueError``,
+    as is anything that is not a whole number of bytes or reaches 2**64.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"bad size {text!r}: give bytes as an int or text like 64M")
     if isinstance(text, int):
-        return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    if s and s[-1] in _UNITS:
-        number, unit = s[:-1], _UNITS[s[-1]]
+        value = text
     else:
-        number, unit = s, 1 << 20  # QEMU's -m takes MiB when no suffix is given
-    try:
-        value = float(number) * unit
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: use a number with K, M or G, like 64M") from None
-    if value <= 0 or value != int(value):
-        raise ValueError(f"bad size {text!r}: must be a positive whole number of bytes")
-    return int(value)
+        match = _SIZE.match(text)
+        if not match:
+            raise ValueError(f"bad size {text!r}: use a number with K, M, G or T, like 64M")
+        number, unit = match.groups()
+        exact = Decimal(number) * _UNITS[unit.upper()]
+        if exact != exact.to_integral_value():
+            raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+        value = int(exact)
+    if not 0 < value < MAX_SIZE:
+        raise ValueError(f"bad size {text!r}: must be more than 0 and less than 2**64 bytes")
+    return value
 
 
 @dataclass

@@ -113,6 +113,7 @@ class Machine:
         self.loaded: dict | None = None
         self._lock = threading.Lock()  # close() against itself
         self._closed = False
+        self._output_error: str | None = None  # COM1's sink failed (SerialCapture)
         try:
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory(self.vm)
@@ -130,13 +131,13 @@ class Machine:
             if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
                 self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
             self.virtio = VirtioWiring(self.vm, self.memory, irqchip=irqchip, add_device=self.add_device,
-                                       remove_device=self._remove_device, irq_line=self._irq_line)
+                                       remove_device=self._remove_device, irq_line=self._irq_line,
+                                       post=self.loop.post)
             capture = SerialCapture(serial, on_error=self._output_failed)
             self.pc = add_pc_devices(self.add_device, self._irq_line, capture)
         except BaseException:
             self.close()
             raise
-        self._output_error: str | None = None
 
     # -- the default devices -----------------------------------------------------
     @property
@@ -433,8 +434,15 @@ class Machine:
 
     def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:
         ended, status, message = stop.reason, stop.status, stop.message
-        if ended == "output-error":
-            message = self._output_error or "serial output failed"
+        if self._output_error is not None:
+            # The sink failed (maybe only when the last bytes were handed over at the end of
+            # the run): what the guest wrote did not all arrive, and that is what the run says.
+            if ended != "output-error":
+                message = f"{self._output_error} (the guest had ended: {ended})"
+                self.loop.cancel_stop()  # the stop the failure asked for is this one
+            else:
+                message = self._output_error
+            ended, status = "output-error", None
         if ended == "debug-exit" and status is None:
             status = self.debug_exit.exit_status
         capture = self.pc.capture
