@@ -11,7 +11,13 @@ helpers, guests) work before the C extension is built.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# A library logs; the application decides what reaches the terminal (the CLI
+# does, tagged "warning:").  Without a handler of its own, Python's last-resort
+# handler would print pykvm's warnings to stderr.
+logging.getLogger("pykvm").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

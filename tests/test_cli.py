@@ -95,7 +95,7 @@ BAD_INPUT = [
     (["run", "--kernel", "/no/such/file"], b"no such file"),
     (["run", "--guest", "hello64", "-m", "lots"], b"bad size"),
     (["run", "--guest", "hello64", "-m", "1K"], b"at least 2M"),
-    (["run", "--guest", "hello64", "--timeout", "-1"], b"timeout must be positive"),
+    (["run", "--guest", "hello64", "--timeout", "-1"], b"finite number of seconds above 0"),
     (["run", "--guest", "hello64", "-serial", "tcp:1"], b"use stdio, file:PATH or none"),
     (["run", "--guest", "hello64", "--mode", "long"], b"go with --kernel"),
     (["run"], b"one of the arguments --guest --kernel is required"),

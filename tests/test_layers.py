@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pykvm.platform",),
     ("pykvm.inspect",),
     ("pykvm.state",),
-    ("pykvm.bench",),
+    ("pykvm.bench", "pykvm.reliability"),
     ("pykvm.cli",),
     ("pykvm.__main__",),
 ]

@@ -465,3 +465,33 @@ def test_echo_device_round_trip(h):
     assert ring.take_used() == [(0, 4)]
     assert h.memory.read(DATA + 0x100, 4) == b"ping"
     assert struct.unpack("<H", h.memory.read(0x6002, 2))[0] == 1
+
+
+# -- a hostile driver on the register window (hypothesis) ----------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ACCESSES = st.lists(st.tuples(
+    st.booleans(),                                       # write?
+    st.one_of(st.sampled_from(range(0, 0x100, 4)), st.integers(0, 0x1FF)),  # mostly registers
+    st.sampled_from([1, 2, 4, 8]),
+    st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 0xF, 0x1000, DATA])),
+), max_size=60)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(accesses=_ACCESSES)
+def test_any_register_sequence_never_raises_and_keeps_the_window_consistent(memory, accesses):
+    h = Harness(memory)
+    for write, offset, size, value in accesses:
+        size = min(size, 0x200 - offset)
+        if write:
+            h.transport.write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            if offset == R.QUEUE_NOTIFY and size == 4:
+                h.transport.process_queue(value & 0xFFFF)
+        else:
+            assert len(h.transport.read(offset, size)) == size
+        assert h.driver.r32(R.MAGIC_VALUE) == 0x74726976  # "virt": identification never changes
+        assert h.driver.r32(R.VERSION) == 2
+        assert h.transport.irq_level == (h.transport.interrupt_status != 0)

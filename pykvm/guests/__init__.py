@@ -209,6 +209,15 @@ GUESTS: dict[str, GuestInfo] = {
             _BENCH_ARGS + "; kind 6 (HLT) is unsupported at CPL 3: stops at once, RAX = 0",
         ),
         _guest(
+            "fuzz64u",
+            "long_user",
+            "a hostile guest: seeded random reads and writes of every register the host lists in its "
+            "plan at 0x300000 (pykvm.guests.fuzzplan), natively at CPL 3; then a write to the "
+            "debug-exit port proves it can still reach it",
+            "none (the plan says everything); results in the plan: done = accesses made, "
+            "answers = XOR of the values read",
+        ),
+        _guest(
             "uart_echo",
             "protected",
             "programs the 16550 at 0x3f8, prints \"uart ready\\n\", echoes input "

@@ -142,6 +142,8 @@ class FastTable:
 
     def sync(self) -> None:
         """Hand new hits (and each row's last written value) to the devices and the bus counters."""
+        if self.cloop.closed:
+            return  # handed back at the end of the last run
         for index, r in enumerate(self.cloop.ranges):
             _, hits, writes, last_value = self.cloop.row(index)
             key = (r.space, r.base, r.name)

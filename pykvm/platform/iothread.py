@@ -134,13 +134,23 @@ class IoThread:
                     poller.register(self._wake, select.POLLIN)
                     for fd in handlers:
                         poller.register(fd, select.POLLIN)
-            for fd, _events in poller.poll(0 if self._soon else None):
+            for fd, events in poller.poll(0 if self._soon else None):
                 if fd == self._wake:
                     _clear(fd)
                     continue
                 handler = handlers.get(fd)
-                if handler is None or not _clear(fd):
-                    continue  # unwatched meanwhile, or another reader took it
+                if handler is None:
+                    continue  # unwatched meanwhile
+                try:
+                    if events & (select.POLLNVAL | select.POLLERR) or not _clear(fd):
+                        if events & (select.POLLNVAL | select.POLLERR):
+                            raise OSError(f"poll reports {events:#x}")
+                        continue  # another reader took it
+                except (OSError, ValueError) as exc:  # closed or replaced under us: drop it, serve the others
+                    self.errors += 1
+                    log.warning("%s: eventfd %d failed (%s); no longer watched", self.name, fd, exc)
+                    self.unwatch(fd)
+                    continue
                 self.wakeups[fd] = self.wakeups.get(fd, 0) + 1
                 self._call(handler, f"handler for fd {fd}")
             for _ in range(len(self._soon)):  # only what was queued before: new work waits a poll

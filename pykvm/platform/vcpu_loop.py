@@ -30,12 +30,14 @@ it looks at the stop flags, so a request that arrives after the look sets
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pykvm import exits
+from pykvm._native_loader import lib
 from pykvm.devices import DeviceStop
 from pykvm.errors import KvmError, UnmappedAccess
 from pykvm.platform.bus import Bus
@@ -284,7 +286,7 @@ class VcpuLoop:
     def _run(self, observe, after_io: str | None) -> VcpuStop:
         run = self.vcpu.kvm_run
         state = self.cloop.state
-        loop_run = self.cloop.run
+        loop_run = functools.partial(lib.pykvm_loop_run, state)  # valid all run: close() waits for it
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         coalesced = self.coalesced
