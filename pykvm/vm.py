@@ -98,6 +98,15 @@ class Vm(FdOwner):
         config = ffi.new("struct kvm_pit_config *", {"flags": flags})
         self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
 
+    def reinject_control(self, reinject: bool) -> None:
+        """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects ticks the guest missed.
+
+        QEMU's ``-global kvm-pit.lost_tick_policy=delay`` is re-injection (KVM's
+        default), ``discard`` turns it off.
+        """
+        control = ffi.new("struct kvm_reinject_control *", {"pit_reinject": int(reinject)})
+        self._ioctl("KVM_REINJECT_CONTROL", lib.KVM_REINJECT_CONTROL, control)
+
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: drive GSI ``irq`` of the in-kernel irqchip high (1) or low (0)."""
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
