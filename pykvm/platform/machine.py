@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 from pykvm.errors import LoaderError
 from pykvm._native_loader import lib
+from pykvm.devices import Uart16550
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.platform import layout
 from pykvm.platform.bus import Bus
@@ -131,10 +132,10 @@ class Machine:
             if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
                 self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
             self.virtio = VirtioWiring(self.vm, self.memory, irqchip=irqchip, add_device=self.add_device,
-                                       remove_device=self._remove_device, irq_line=self._irq_line,
+                                       remove_device=self.remove_device, irq_line=self.irq_line,
                                        post=self.loop.post)
             capture = SerialCapture(serial, on_error=self._output_failed)
-            self.pc = add_pc_devices(self.add_device, self._irq_line, capture)
+            self.pc = add_pc_devices(self.add_device, self.irq_line, capture)
         except BaseException:
             self.close()
             raise
@@ -211,13 +212,14 @@ class Machine:
         bus.register(base, length, device, name)
         self.fastpath.adopt(device)
 
-    def _remove_device(self, device) -> None:
+    def remove_device(self, device) -> None:
+        """Take ``device`` off whichever bus has it (its fast-path rows go with it)."""
         for bus in (self.pio, self.mmio):
             if any(r.device is device for r in bus):
                 bus.unregister(device)
         self.fastpath.changed()
 
-    def _irq_line(self, irq: int) -> Callable[[bool], None]:
+    def irq_line(self, irq: int) -> Callable[[bool], None]:
         """The KVM_IRQ_LINE callable for GSI ``irq`` (does nothing without an irqchip)."""
         def raise_line(level: bool) -> None:
             if self.irqchip:
@@ -310,6 +312,8 @@ class Machine:
         from pykvm import guests
 
         info = guests.info(name)
+        if info.format == "multiboot":
+            return self.load_image(guests.path(name), format="multiboot", cmdline=info.cmdline, name=name)
         return self.load_image(guests.path(name), format="flat", mode=info.mode, load_addr=info.load_addr,
                                args=args, name=name)
 
@@ -320,7 +324,8 @@ class Machine:
 
         Flat images go to ``load_addr`` (default 0x100000, 0x8000 in real
         mode) and start in ``mode`` (default ``long``).  ``cmdline`` and
-        ``modules`` (paths, bytes or ``ImageSource``) go to Multiboot and
+        ``modules`` (each a path, bytes or ``ImageSource``, or a ``(that,
+        string)`` pair: a Multiboot module's string) go to Multiboot and
         Linux kernels.  Nothing is written to guest memory unless the whole
         plan fits; files are read only as far as the plan needs.
         """
@@ -340,7 +345,9 @@ class Machine:
 
         try:
             kernel = source_of(image, name or "<image>")
-            module_sources = [source_of(m, f"module {i + 1}") for i, m in enumerate(modules)]
+            module_sources = [
+                (source_of(m[0], f"module {i + 1}"), m[1]) if isinstance(m, tuple) else source_of(m, f"module {i + 1}")
+                for i, m in enumerate(modules)]
             memory_map = self.memory_map()
             plan = plan_image(kernel, memory_map=memory_map, format=format, mode=mode, load_addr=load_addr,
                               entry=entry, cmdline=cmdline, modules=module_sources,
@@ -381,11 +388,19 @@ class Machine:
             self.vcpu.set_regs(regs)
         return done
 
+    def add_uart(self, com: int, output: Callable[[bytes], None] | None) -> Uart16550:
+        """A 16550 as COM``com`` (2 to 4) at its PC port and IRQ; ``output`` gets what the guest sends."""
+        if not 2 <= com <= len(layout.COM_PORTS):
+            raise ValueError(f"COM{com}: a PC has COM1 to COM{len(layout.COM_PORTS)} (COM1 is Machine.serial)")
+        uart = Uart16550(output=output, interrupt=self.irq_line(layout.COM_IRQS[com - 1]))
+        self.add_device(uart, port=layout.COM_PORTS[com - 1], length=8, name=f"com{com}")
+        return uart
+
     # -- running -----------------------------------------------------------------------
-    def feed_serial(self, data: bytes) -> None:
-        """Queue host input for COM1; safe from any thread (the vCPU takes it before re-entering)."""
-        data = bytes(data)
-        self.loop.post(lambda: self.serial.enqueue_input(data))
+    def feed_serial(self, data: bytes, uart: Uart16550 | None = None) -> None:
+        """Queue host input for COM1 (or ``uart``); safe from any thread (the vCPU takes it before re-entering)."""
+        data, uart = bytes(data), uart or self.serial
+        self.loop.post(lambda: uart.enqueue_input(data))
 
     def request_stop(self, reason: str = "paused") -> None:
         """Ask a running ``run()`` to return soon with ``ended == reason``; safe from any thread.

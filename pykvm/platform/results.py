@@ -137,15 +137,15 @@ class RunResult:
     def user_exits(self) -> int:
         return sum(v["total"] for k, v in self.exits.items() if k not in NOT_GUEST_EXITS)
 
-    def summary(self) -> str:
-        """One line for stderr: how it ended, status, exits and time."""
+    def summary(self, *, with_message: bool = True) -> str:
+        """One line for stderr: how it ended, status, exits and time (and the message's first line)."""
         by_reason = ", ".join(f"{name} {v['total']}" for name, v in sorted(self.exits.items()))
         status = "-" if self.exit_status is None else str(self.exit_status)
         line = (
             f"pykvm: {self.ended} (status {status}) after {self.seconds * 1e3:.1f} ms; "
             f"user exits: {by_reason or 'none'}"
         )
-        if self.message:
+        if self.message and with_message:
             line += f"; {self.message.splitlines()[0]}"
         return line
 

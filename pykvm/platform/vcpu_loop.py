@@ -351,5 +351,5 @@ class VcpuLoop:
                 return VcpuStop(stop.reason, stop.status, pending_io=True)
             except UnmappedAccess as exc:
                 located = exc.at(self.vcpu.get_regs().rip)
-                return VcpuStop("guest-error", None, str(located))
+                return VcpuStop("guest-error", None, f"{located}\n{self.describe_cpu()}".rstrip("\n"))
             return exit_stop(exit, self.describe_cpu)
