@@ -136,6 +136,7 @@ class Uart16550:
         # FROM_HOST so that a FIFO reset can hand them back (see _clear_rx).
         self._rx: deque[int] = deque()
         self._irq_level = False
+        self._host_lines = HOST_MODEM_LINES  # what the host's end drives (outside the chip: a reset keeps it)
         # Neither the divisor latch nor SCR is touched by a master reset.
         self._divisor = DEFAULT_DIVISOR
         self._scr = 0
@@ -155,7 +156,7 @@ class Uart16550:
         # THRE interrupt latch: set when THR becomes empty while ETBEI is on,
         # cleared by an IIR read that reports it or by a THR write.
         self._thre_pending = False
-        self._modem_lines = HOST_MODEM_LINES  # MSR bits 4-7
+        self._modem_lines = self._host_lines  # MSR bits 4-7
         self._modem_deltas = 0  # MSR bits 0-3
         self._fill_receiver()
         self._update_interrupt()
@@ -366,10 +367,21 @@ class Uart16550:
                 | (MSR_DCD if mcr & MCR_OUT2 else 0)
             )
         else:
-            lines = HOST_MODEM_LINES
+            lines = self._host_lines
             if was_loopback:
                 self._fill_receiver()  # the serial input is connected again
         self._set_modem_lines(lines)
+
+    def host_hung_up(self) -> None:
+        """The host's end of the line went away (end of input): DCD and DSR drop, as on a real line.
+
+        Bytes already queued are still delivered; a guest that watches MSR
+        (or enables the modem-status interrupt) learns that no more will come.
+        """
+        self._host_lines = MSR_CTS
+        if not self._mcr & MCR_LOOP:
+            self._set_modem_lines(self._host_lines)
+            self._update_interrupt()
 
     def _set_modem_lines(self, lines: int) -> None:
         changed = self._modem_lines ^ lines

@@ -18,8 +18,16 @@ The backends, like QEMU's ``-chardev`` kinds:
 :class:`FileBackend`    output written to a file; no input (QEMU ``file:``)
 :class:`FdBackend`      output to one file descriptor, input read from another
 :class:`StdioBackend`   an :class:`FdBackend` on the process's stdin and stdout
-:class:`UnixSocketBackend`  a listening unix socket; one client at a time
+:class:`NullBackend`    output dropped, no input (QEMU ``null``)
+:class:`PtyBackend`     a pseudo-terminal pair; a terminal program opens the slave (QEMU ``pty``)
+:class:`UnixSocketBackend`  a listening unix socket; one client at a time (QEMU ``unix:PATH,server``)
+:class:`TcpSocketBackend`   a listening TCP socket on loopback; one client (QEMU ``tcp:HOST:PORT,server``)
 =====================  =========================================================
+
+The same backends serve a UART's COM port (the command line's ``-serial``)
+and a virtio console: they are QEMU's character devices.  A backend's input
+may end (end of file on a pipe, a closed pty): it then calls the
+``on_eof`` callable it was given, so the device can tell the guest.
 
 Threads: :class:`FdBackend` and :class:`UnixSocketBackend` each run one
 daemon thread that waits (``poll``) on their inputs and on a wake-up pipe,
@@ -38,6 +46,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,7 +59,10 @@ __all__ = [
     "FdBackend",
     "FileBackend",
     "MemoryBackend",
+    "NullBackend",
+    "PtyBackend",
     "StdioBackend",
+    "TcpSocketBackend",
     "UnixSocketBackend",
 ]
 
@@ -102,6 +114,19 @@ class MemoryBackend:
         data = bytes(self.output)
         self.output.clear()
         return data
+
+    def close(self) -> None:
+        pass
+
+
+class NullBackend:
+    """Output dropped, no input: QEMU's ``null`` character device."""
+
+    def start(self, deliver: Deliver) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -193,11 +218,14 @@ class FdBackend(_ThreadedBackend):
 
     thread_name = "console-fd"
 
-    def __init__(self, input_fd: int | None, output_fd: int | None, *, close_fds: bool = False) -> None:
+    def __init__(self, input_fd: int | None, output_fd: int | None, *, close_fds: bool = False,
+                 on_eof: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.input_fd = input_fd
         self.output_fd = output_fd
         self.close_fds = close_fds
+        self.on_eof = on_eof  # the input ended (end of file, a hang-up): no more input will come
+        self.input_ended = False
         self._closed = False
         if input_fd is not None:
             self._selector.register(input_fd, selectors.EVENT_READ)
@@ -216,7 +244,10 @@ class FdBackend(_ThreadedBackend):
             log.warning("console input fd %d: %s; no more input", self.input_fd, error)
             data = b""
         if not data:
-            self._selector.unregister(self.input_fd)  # end of input
+            self._selector.unregister(self.input_fd)  # end of input: the guest sees no more bytes
+            self.input_ended = True
+            if self.on_eof is not None:
+                self.on_eof()
             return
         self._deliver(data)
 
@@ -231,6 +262,48 @@ class FdBackend(_ThreadedBackend):
                 os.close(fd)  # type: ignore[arg-type]
 
 
+class PtyBackend(FdBackend):
+    """A pseudo-terminal: the guest's side is the master, a terminal program opens :attr:`slave_name`.
+
+    As QEMU's ``-serial pty`` does, it says where: ``char device redirected
+    to /dev/pts/N (label serial0)`` (the caller prints it).  A slave that is
+    closed and opened again is fine: input resumes when one is open.
+    """
+
+    thread_name = "console-pty"
+
+    def __init__(self, label: str = "serial0") -> None:
+        import tty
+
+        master, slave = os.openpty()
+        tty.setraw(slave)  # bytes as they are: the guest does its own line discipline
+        self.slave_name = os.ttyname(slave)
+        self.label = label
+        os.close(slave)  # a client opens it by name; meanwhile reads on the master see EIO
+        os.set_blocking(master, False)
+        super().__init__(master, master, close_fds=True)
+
+    def _ready(self, fileobj: object, events: int) -> None:
+        try:
+            data = os.read(self.input_fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            if error.errno == errno.EIO:  # no slave open right now: wait for one
+                time.sleep(0.05)
+                return
+            raise
+        if data and self._deliver is not None:
+            self._deliver(data)
+
+    def write(self, data: bytes) -> None:
+        try:
+            super().write(data)
+        except OSError as error:
+            if error.errno != errno.EIO:  # with no slave open, output is lost, as on a real line
+                raise
+
+
 class StdioBackend(FdBackend):
     """The process's stdout for output and (unless ``input=False``) stdin for input."""
 
@@ -239,34 +312,21 @@ class StdioBackend(FdBackend):
         super().__init__(sys.stdin.fileno() if input else None, sys.stdout.fileno())
 
 
-class UnixSocketBackend(_ThreadedBackend):
-    """A unix socket server at ``path``: one client is the console's other end.
+class _SocketServerBackend(_ThreadedBackend):
+    """A listening socket: one client is the console's other end (see UnixSocketBackend)."""
 
-    The socket listens from construction, so a client (``socat - UNIX:path``,
-    ``nc -U path``) may connect before the guest runs.  While a client is
-    connected, further connections are accepted and closed at once.  When the
-    client leaves, the next one may connect.
+    thread_name = "console-socket"
 
-    Output never blocks the guest: it is buffered (up to ``buffer_limit``
-    bytes; beyond that it is dropped and counted in :attr:`dropped`) and the
-    thread sends it as the client reads.  Output written while no client is
-    connected waits in the same buffer, so a late client sees the boot log.
-    """
-
-    thread_name = "console-unix"
-
-    def __init__(self, path: str | os.PathLike[str], *, buffer_limit: int = 1 << 20) -> None:
+    def __init__(self, listener: socket.socket, name: str, *, buffer_limit: int = 1 << 20) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = name
         self.buffer_limit = buffer_limit
         self.dropped = 0
         self._lock = threading.Lock()  # guards _outbuf
         self._outbuf = bytearray()
         self._client: socket.socket | None = None
         self._closed = False
-        _remove_stale_socket(self.path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.path)
+        self._listener = listener
         self._listener.listen(1)
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -357,10 +417,65 @@ class UnixSocketBackend(_ThreadedBackend):
         self._drop_client()
         self._listener.close()
         self._close_pipe()
+        self._remove()
+
+    def _remove(self) -> None:
+        """Hook: remove what binding the listener created."""
+
+
+class UnixSocketBackend(_SocketServerBackend):
+    """A unix socket server at ``path``: one client is the console's other end.
+
+    The socket listens from construction, so a client (``socat - UNIX:path``,
+    ``nc -U path``) may connect before the guest runs.  While a client is
+    connected, further connections are accepted and closed at once.  When the
+    client leaves, the next one may connect.
+
+    Output never blocks the guest: it is buffered (up to ``buffer_limit``
+    bytes; beyond that it is dropped and counted in :attr:`dropped`) and the
+    thread sends it as the client reads.  Output written while no client is
+    connected waits in the same buffer, so a late client sees the boot log.
+    """
+
+    thread_name = "console-unix"
+
+    def __init__(self, path: str | os.PathLike[str], *, buffer_limit: int = 1 << 20) -> None:
+        path = os.fspath(path)
+        _remove_stale_socket(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        super().__init__(listener, path, buffer_limit=buffer_limit)
+
+    def _remove(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class TcpSocketBackend(_SocketServerBackend):
+    """A TCP server on ``host:port`` (loopback unless told otherwise): the same, over TCP.
+
+    Port 0 picks a free one: :attr:`port` says which.
+    """
+
+    thread_name = "console-tcp"
+
+    def __init__(self, host: str, port: int, *, buffer_limit: int = 1 << 20) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError:
+            listener.close()
+            raise
+        self.host, self.port = host, listener.getsockname()[1]
+        super().__init__(listener, f"{host}:{self.port}", buffer_limit=buffer_limit)
 
 
 def _write_all(fd: int, data: bytes) -> None:
