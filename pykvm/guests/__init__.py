@@ -117,7 +117,11 @@ class GuestInfo:
             its loader: ``pc`` (QEMU ``-M pc``'s fw_cfg, CMOS/RTC, PCI
             configuration ports, PIT channel 2 with port 0x61, ACPI tables
             in the BIOS area, the xAPIC at 0xfee00000), ``smp`` (more than
-            one CPU, the APs started by INIT-SIPI-SIPI).
+            one CPU, the APs started by INIT-SIPI-SIPI), ``irqchip`` (the
+            in-kernel PIC/IOAPIC/LAPIC: it takes interrupts), ``input`` (it
+            reads COM1 until end of input: EOT, 0x04), ``virtio-echo`` (a
+            virtio console whose host side echoes what it receives).
+            ``pykvm run --guest`` provides each of them.
         cmdline: the default kernel command line (Multiboot guests).
     """
 
@@ -138,7 +142,7 @@ class GuestInfo:
         return f"{self.name}.elf" if self.format == "multiboot" else f"{self.name}.bin"
 
 
-def _guest(name: str, mode: str, description: str, args: str = "none") -> GuestInfo:
+def _guest(name: str, mode: str, description: str, args: str = "none", needs: tuple[str, ...] = ()) -> GuestInfo:
     """Build a GuestInfo, deriving load address, CPL and ending from the mode."""
     user = mode == "long_user"
     return GuestInfo(
@@ -149,6 +153,7 @@ def _guest(name: str, mode: str, description: str, args: str = "none") -> GuestI
         cpl=3 if user else 0,
         args=args,
         stop="reset" if user else "hlt",
+        needs=needs,
     )
 
 
@@ -223,6 +228,7 @@ GUESTS: dict[str, GuestInfo] = {
             "programs the 16550 at 0x3f8, prints \"uart ready\\n\", echoes input "
             "until 0x04 (EOT), prints \"\\nbye\\n\"; polls LSR before every byte",
             "none; result EAX = number of bytes echoed",
+            needs=("input",),
         ),
         GuestInfo(
             "uart_irq",
@@ -233,6 +239,7 @@ GUESTS: dict[str, GuestInfo] = {
             0,
             "none; result EAX = bytes echoed, EDI = interrupts taken",
             "reset",
+            needs=("irqchip", "input"),
         ),
         GuestInfo(
             "virtio64u",
@@ -244,6 +251,7 @@ GUESTS: dict[str, GuestInfo] = {
             3,
             _VIRTIO_ARGS,
             "reset",
+            needs=("virtio-echo",),
         ),
         GuestInfo(
             "virtio64",
@@ -255,6 +263,7 @@ GUESTS: dict[str, GuestInfo] = {
             _VIRTIO_ARGS + "; arg1 (RSI) = the device's IRQ (0 means 5); "
             "RBX = interrupts taken, RDI = InterruptStatus bits seen",
             "reset",
+            needs=("irqchip", "virtio-echo"),
         ),
         GuestInfo(
             "iobench64u",

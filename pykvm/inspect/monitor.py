@@ -58,7 +58,7 @@ HELP = """\
 info registers|cpus|mem|stats|break|status
 x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
 translate GVA
-stop | cont | step [N] | wait [SECONDS]
+stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
@@ -271,6 +271,9 @@ class Monitor:
         head, _, rest = line.partition(" ")
         name, _, fmt = head.partition("/")
         rest = rest.strip()
+        if name in ("x", "xp") and not fmt and rest.startswith("/"):  # "x /4x ADDR", as QEMU takes it
+            fmt, _, rest = rest[1:].partition(" ")
+            rest = rest.strip()
         handler = {
             "info": self._cmd_info, "i": self._cmd_info,
             "x": self._cmd_x, "xp": self._cmd_xp,
@@ -326,8 +329,12 @@ class Monitor:
             "stats": self._info_stats, "break": self._info_break, "breakpoints": self._info_break,
             "status": self._info_status, "tlb": self._info_mem,
         }
+        if not what:
+            return "info registers|cpus|mem|stats|break|status|name"
+        if what == "name":
+            return getattr(self, "name", "") or "(no name: -name NAME gives one)"
         if what not in table:
-            return "info registers|cpus|mem|stats|break|status"
+            return f"unknown info command {what!r}: info registers|cpus|mem|stats|break|status|name"
         return table[what]()
 
     def _info_registers(self) -> str:
