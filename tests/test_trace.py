@@ -449,7 +449,7 @@ BAD_TRACE_INPUT = [
     (["trace", "--guest", "hello64", "--max", "0"], b"must be a positive number"),
     (["trace", "--guest", "nope"], b"unknown guest 'nope'"),
     (["trace", "--guest", "hello64"] + ["--break", "0x100000"] * 5, b"at most 4 breakpoints"),
-    (["trace"], b"one of the arguments --guest --kernel is required"),
+    (["trace"], b"give a -kernel FILE or a --guest NAME"),
 ]
 
 
