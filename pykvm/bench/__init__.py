@@ -27,7 +27,8 @@ from pathlib import Path
 
 __all__ = ["SECTIONS", "default_out_dir", "main"]
 
-SECTIONS = ("exits", "lifecycle", "memory")
+SECTIONS = ("exits", "lifecycle", "memory", "io_models")
+DEFAULT_SECTIONS = SECTIONS
 
 
 def default_out_dir() -> Path:
@@ -46,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure pykvm against a raw-C KVM loop and QEMU: exit latency, VM lifecycle, memory.",
     )
     p.add_argument("--quick", action="store_true", help="small N and few reps: under a minute (CI)")
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
+                        f"(default: all; io_models is also benchmarks/io_models.py)")
     p.add_argument("--out", type=Path, help="directory for JSON and PNG (default: benchmarks/results)")
     p.add_argument("--name", default="bench", help="file name stem of the results (default: bench)")
     p.add_argument("--reps", type=int, help="runs per measurement (default 21, quick 5; at least 5)")
@@ -94,9 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         print("pykvm bench: --reps must be at least 5 (medians of fewer runs are not reported)", file=sys.stderr)
         return 2
     problem = _preflight()
+    out_dir = args.out or default_out_dir()
+    if out_dir.exists() and not out_dir.is_dir():
+        problem = f"--out {out_dir}: not a directory (the results are several files)"
     if problem:
         print(f"pykvm bench: {problem}", file=sys.stderr)
         return 2
+    if "io_models" in sections:
+        from pykvm.bench import io_models
+
+        io_args = (["--quick"] if args.quick else []) + ["--out", str(out_dir)]
+        status = io_models.main(io_args)
+        sections = [s for s in sections if s != "io_models"]
+        if not sections or status:
+            return status
 
     from pykvm.bench import exit_latency, lifecycle, memory, report
     from pykvm.bench.common import BenchError, host_info, pykvm_info
@@ -156,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = time.monotonic() - started
     results["targets"] = report.targets(results)
 
-    out_dir = args.out or default_out_dir()
     stem = f"{args.name}-quick" if args.quick else args.name
-    print(report.markdown(results))
-    json_path = report.write_json(results, out_dir / f"{stem}.json")
+    print(report.markdown(results), flush=True)  # the results are out before anything can fail to be written
+    try:
+        json_path = report.write_json(results, out_dir / f"{stem}.json")
+    except OSError as exc:
+        print(f"pykvm bench: cannot write the JSON to {out_dir}: {exc.strerror or exc} "
+              "(the tables above are the results)", file=sys.stderr)
+        return 2
     print(f"JSON: {json_path}", file=sys.stderr)
     if not args.no_chart and "exit_latency" in results:
         png = report.chart(results, out_dir / f"{stem}.png")
