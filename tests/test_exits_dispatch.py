@@ -83,10 +83,16 @@ def test_decode_other_reasons():
     assert unknown == exits.Unknown(4242, run.hw.hardware_exit_reason) and "4242" in unknown.name
 
 
-def test_exit_values_are_frozen():
+def test_exit_values_compare_by_kind_and_fields():
     e = exits.IoOut(1, 1, 1, b"x")
+    assert e == exits.IoOut(1, 1, 1, b"x") and hash(e) == hash(exits.IoOut(1, 1, 1, b"x"))
+    assert e != exits.IoOut(1, 1, 1, b"y")
+    assert exits.Hlt() != exits.Shutdown()  # no fields, different exits
+    assert exits.MmioRead(5, 4) != exits.FailEntry(5, 4)
+    assert repr(e) == "IoOut(port=1, size=1, count=1, data=b'x')"
+    assert isinstance(e, exits.Exit) and e.reason == "io_out"
     with pytest.raises(AttributeError):
-        e.port = 2
+        e.extra = 1  # __slots__: no attributes beyond the fields
 
 
 class Recorder:
