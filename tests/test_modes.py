@@ -298,3 +298,25 @@ def test_decoders() -> None:
     assert decode_cr4(0x20 | (1 << 30)) == ["PAE", "bit30"]  # unknown bits stay visible
     assert decode_efer(0xD01) == ["SCE", "LME", "LMA", "NXE"]
     assert cpl(0x2B) == 3 and cpl(0x08) == 0 and cpl(0x08, ss_dpl=3) == 3
+
+
+@pytest.mark.parametrize("mode, page_size", [("paged32", 4 << 20), ("long", 2 << 20), ("long_user", 2 << 20)])
+def test_closed_form_identity_tables_are_the_builders(mode, page_size):
+    """setup_mode's identity map, written out, is byte for byte what the general page-table builder makes."""
+    from pykvm.x86.modes import identity_tables
+    from pykvm.x86.paging import PageTables4Level, PageTables32
+
+    written = {}
+    builder_class = PageTables32 if mode == "paged32" else PageTables4Level
+    builder = builder_class(lambda gpa, data: written.__setitem__(gpa, bytes(data)), 0x30000, 0x40000)
+    builder.map(0, 0, 1 << 32, page_size=page_size, user=mode == "long_user")
+    assert identity_tables(mode, 0x30000, 0x40000) == (builder.cr3, builder.region_used,
+                                                       tuple(sorted(written.items())))
+
+
+def test_identity_tables_refuse_a_region_too_small():
+    from pykvm.errors import PageTableError
+    from pykvm.x86.modes import identity_tables
+
+    with pytest.raises(PageTableError, match="needs 6 table pages"):
+        identity_tables("long", 0x30000, 0x33000)

@@ -40,14 +40,13 @@ kvm_sregs`` and ``struct kvm_regs``.
 from __future__ import annotations
 
 import functools
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from pykvm.errors import ModeNotSupported
+from pykvm.errors import ModeNotSupported, PageTableError
 
 from . import bits
-from .paging import GiB4, MiB2, MiB4, PageTableBuilder, PageTables4Level, PageTables32
 from .segments import USER_IO_PORTS, FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
 from .state import MODES, check_mode, decode_cr0, decode_cr4, decode_efer, decode_rflags, format_table
 
@@ -99,15 +98,18 @@ class TablePlacement:
         return used
 
 
-class _Vcpu(Protocol):
-    def get_sregs(self) -> Any: ...
-    def set_sregs(self, sregs: Any) -> Any: ...
-    def get_regs(self) -> Any: ...
-    def set_regs(self, regs: Any) -> Any: ...
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:  # what setup_mode needs of its arguments (see the module docstring)
+    from typing import Any, Protocol
 
+    class _Vcpu(Protocol):
+        def get_sregs(self) -> Any: ...
+        def set_sregs(self, sregs: Any) -> Any: ...
+        def get_regs(self) -> Any: ...
+        def set_regs(self, regs: Any) -> Any: ...
 
-class _Memory(Protocol):
-    def write(self, gpa: int, data: bytes) -> Any: ...
+    class _Memory(Protocol):
+        def write(self, gpa: int, data: bytes) -> Any: ...
 
 
 _CR0_PROTECTED = bits.CR0_PE | bits.CR0_MP | bits.CR0_ET | bits.CR0_NE
@@ -212,7 +214,7 @@ _KEY_BITS = (
 )
 
 
-def _check_registers_kept(mode: str, sregs: Any, cr0: int, cr4: int, efer: int) -> None:
+def _check_registers_kept(mode: str, sregs: object, cr0: int, cr4: int, efer: int) -> None:
     """Raise :class:`ModeNotSupported` if KVM changed a key bit of the mode."""
     lost = []
     for (name, mask, decode), wanted in zip(_KEY_BITS, (cr0, cr4, efer), strict=True):
@@ -231,25 +233,36 @@ def _check_registers_kept(mode: str, sregs: Any, cr0: int, cr4: int, efer: int) 
 def identity_tables(mode: str, start: int, end: int) -> tuple[int, tuple[int, int], tuple[tuple[int, bytes], ...]]:
     """The page tables of a paged mode's 4 GiB identity map in ``[start, end)``: (CR3, region used, pages).
 
-    Built once per process and placement with the page-table builder (32-bit
-    paging with 4 MiB pages for ``paged32``; 4-level with 2 MiB pages, U/S=1
-    for ``long_user``) and then copied: every VM gets the same bytes at the
-    same addresses, and building them costs milliseconds in Python.
+    Written out in closed form, the entries as the SDM lays them out (vol. 3A
+    4.3 and 4.5): ``paged32`` is one page directory of 1024 4 MiB pages
+    (PDE.PS with CR4.PSE); ``long`` and ``long_user`` are a PML4 whose
+    first entry points at a PDPT whose four entries point at four page
+    directories of 512 2 MiB pages each (U/S set at every level in
+    ``long_user``).  The pages follow each other from ``start`` in that
+    order; ``pykvm.x86.paging``'s general builder makes the same bytes (the
+    tests compare them), but costs milliseconds and a module import here.
     """
-    written: dict[int, bytes] = {}
-
-    def record(gpa: int, data: bytes) -> None:
-        written[gpa] = bytes(data)
-
+    leaf = bits.PTE_P | bits.PTE_RW | bits.PTE_PS
     if mode == "paged32":
-        builder: PageTableBuilder = PageTables32(record, start, end)
-        builder.map(0, 0, GiB4, page_size=MiB4)
+        tables = [array("I", ((i << 22) | leaf for i in range(1024)))]
     elif mode in ("long", "long_user"):
-        builder = PageTables4Level(record, start, end)
-        builder.map(0, 0, GiB4, page_size=MiB2, user=mode == "long_user")
+        upper = bits.PTE_P | bits.PTE_RW | bits.PTE_US  # upper levels allow all; the leaf decides
+        leaf |= bits.PTE_US if mode == "long_user" else 0
+        pml4 = array("Q", bytes(4096))
+        pdpt = array("Q", bytes(4096))
+        pml4[0] = (start + 0x1000) | upper
+        for gib in range(4):
+            pdpt[gib] = (start + 0x2000 + gib * 0x1000) | upper
+        directories = [array("Q", (((gib << 30) | (i << 21)) | leaf for i in range(512))) for gib in range(4)]
+        tables = [pml4, pdpt, *directories]
     else:
         raise ValueError(f"mode {mode!r} has no page tables")
-    return builder.cr3, builder.region_used, tuple(sorted(written.items()))
+    used_end = start + 0x1000 * len(tables)
+    if used_end > end:
+        raise PageTableError(f"the identity map needs {len(tables)} table pages; [{start:#x}, {end:#x}) "
+                             f"holds {(end - start) // 0x1000}")
+    pages = tuple((start + 0x1000 * n, table.tobytes()) for n, table in enumerate(tables))
+    return start, (start, used_end), pages
 
 
 def _real_mode_address(linear: int, what: str) -> tuple[int, int]:
