@@ -17,18 +17,20 @@ The clock is injectable so tests need no sleeping.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+
+from pykvm.log import DEBUG, INFO, WARNING, Logger
 
 
 class GuestLog:
     """A logger wrapper whose WARNING lines a guest cannot multiply without bound."""
 
-    def __init__(self, logger: logging.Logger | str, *, burst: int = 20, interval: float = 1.0,
+    def __init__(self, logger, *, burst: int = 20, interval: float = 1.0,
                  max_keys: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        # a name, a pykvm.log.Logger or a logging.Logger; logging is imported at the first line
+        self.logger = Logger(logger) if isinstance(logger, str) else logger
         self.burst = burst
         self.interval = interval
         self.max_keys = max_keys
@@ -43,11 +45,11 @@ class GuestLog:
 
     def warning(self, key: Hashable, message: str, *args: object) -> bool:
         """Log ``message % args`` at WARNING if ``key`` is new and the rate allows; True if it was."""
-        return self.log(logging.WARNING, key, message, *args)
+        return self.log(WARNING, key, message, *args)
 
     def info(self, key: Hashable, message: str, *args: object) -> bool:
         """The same at INFO."""
-        return self.log(logging.INFO, key, message, *args)
+        return self.log(INFO, key, message, *args)
 
     def log(self, level: int, key: Hashable, message: str, *args: object) -> bool:
         """Log at ``level`` once per ``key`` and within the rate, else at DEBUG; True if it left at ``level``."""
@@ -63,7 +65,7 @@ class GuestLog:
                 message += f" ({held} similar line{'s' if held != 1 else ''} held back)"
             self.logger.log(level, message, *args)
             return True
-        if self.logger.isEnabledFor(logging.DEBUG):
+        if self.logger.isEnabledFor(DEBUG):
             self.logger.debug(message, *args)
         return False
 

@@ -9,11 +9,10 @@ input buffer empty", so a guest polling before a command never waits.
 
 from __future__ import annotations
 
-import logging
-
 from pykvm.devices import DeviceError, DeviceStop
+from pykvm.log import get_logger
 
-log = logging.getLogger("pykvm.devices.i8042")  # DEBUG only: a guest may write any command
+log = get_logger("pykvm.devices.i8042")  # DEBUG only: a guest may write any command
 
 CMD_PULSE_RESET = 0xFE  # pulse output port bit 0 (the CPU reset line)
 

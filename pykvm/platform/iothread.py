@@ -29,14 +29,15 @@ is unmapped (``Machine.close`` does it first).
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
 from collections import deque
 from collections.abc import Callable
 
-log = logging.getLogger("pykvm.iothread")
+from pykvm.log import get_logger
+
+log = get_logger("pykvm.iothread")
 
 __all__ = ["IoThread"]
 

@@ -33,16 +33,16 @@ is unmapped.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pykvm.errors import KvmError
+from pykvm.log import get_logger
 from pykvm.platform import layout
 from pykvm.platform.iothread import IoThread
 
-log = logging.getLogger("pykvm.platform.virtio")
+log = get_logger("pykvm.platform.virtio")
 
 NOTIFY_PATHS = ("python", "c", "ioeventfd")
 INTERRUPT_PATHS = ("irq_line", "irqfd")

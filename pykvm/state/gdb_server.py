@@ -18,7 +18,6 @@ GDB goes away) and joins it.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -26,12 +25,13 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from pykvm.log import get_logger
 from pykvm.ratelimit import GuestLog
 from pykvm.state.gdb_protocol import PacketChannel
 from pykvm.state.gdb_session import Session
 from pykvm.state.gdb_target import GdbTarget
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_PORT = 1234      # QEMU's -s
 SEND_TIMEOUT = 10.0      # a client that stops reading is dropped after this many seconds
@@ -74,7 +74,7 @@ class GdbServer:
     def __init__(self, target: GdbTarget, address: str | GdbAddress = f"tcp::{DEFAULT_PORT}") -> None:
         self.target = target
         self.address = address if isinstance(address, GdbAddress) else GdbAddress.parse(address)
-        self.log = GuestLog(logging.getLogger("pykvm.state.gdb"))
+        self.log = GuestLog("pykvm.state.gdb")
         self._listener: socket.socket | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._thread: threading.Thread | None = None

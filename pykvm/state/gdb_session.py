@@ -23,17 +23,18 @@ truncated to 32 bits, or 32-bit ones zero-extended.  Reconnect (``disconnect``,
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pykvm.log import get_logger
 from pykvm.ratelimit import GuestLog
-from pykvm.state.gdb_protocol import PACKET_SIZE, ConnectionClosed, Control, PacketChannel, escape, \
-    run_length_encode, unescape
+from pykvm.state.gdb_protocol import (
+    PACKET_SIZE, ConnectionClosed, Control, PacketChannel, escape, run_length_encode, unescape,
+)
 from pykvm.state.gdb_target import SIGTRAP, WATCH_REASONS, GdbTarget, Layout, StopEvent, layout_for
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: Seconds between looks at the socket while the guest runs (how late a Ctrl-C can be).
 POLL_INTERVAL = 0.05

@@ -38,7 +38,6 @@ mode; the caller (the CLI) does that if it wants keystrokes unbuffered.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import selectors
@@ -50,7 +49,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-log = logging.getLogger("pykvm.virtio.backends")
+from pykvm.log import get_logger
+
+log = get_logger("pykvm.virtio.backends")
 
 Deliver = Callable[[bytes], None]
 

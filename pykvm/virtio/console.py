@@ -47,19 +47,19 @@ device-writable one in a transmitq breaks 5.3.6.1: that is a
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+from pykvm.log import get_logger
 from pykvm.ratelimit import GuestLog
 from pykvm.virtio import VirtioDevice
 from pykvm.virtio.backends import ConsoleBackend
 from pykvm.virtio.queue import DescriptorChain, SplitVirtqueue, VirtqueueError
 
-log = logging.getLogger("pykvm.virtio.console")
+log = get_logger("pykvm.virtio.console")
 
 __all__ = ["ConsolePort", "VirtioConsole", "port_queues"]
 

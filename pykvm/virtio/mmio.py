@@ -43,7 +43,6 @@ Rules it follows (4.2.2.1, 2.1.2, 2.2.1, 6.1):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -61,11 +60,12 @@ from pykvm.virtio import (
     VirtioDevice,
 )
 from pykvm.devices import FastRow
+from pykvm.log import get_logger
 from pykvm.platform.layout import VIRTIO_MMIO_BASE
 from pykvm.ratelimit import GuestLog
 from pykvm.virtio.queue import GuestMemoryLike, SplitVirtqueue, VirtqueueError
 
-log = logging.getLogger("pykvm.virtio.mmio")
+log = get_logger("pykvm.virtio.mmio")
 
 __all__ = ["MMIO_SIZE", "VIRTIO_MMIO_BASE", "VirtioMmioDevice", "linux_cmdline"]
 
