@@ -10,14 +10,14 @@ helpers, guests) work before the C extension is built.
 
 from __future__ import annotations
 
-import importlib
-import logging
-from typing import Any
+from pykvm import timeline
 
-# A library logs; the application decides what reaches the terminal (the CLI
-# does, tagged "warning:").  Without a handler of its own, Python's last-resort
-# handler would print pykvm's warnings to stderr.
-logging.getLogger("pykvm").addHandler(logging.NullHandler())
+timeline.mark("interpreter")  # the first line of pykvm that runs: the interpreter and site are done
+
+from pykvm._lazy import lazy_exports  # noqa: E402
+
+# pykvm logs through logging, imported at the first line logged (pykvm.log), which also gives the
+# "pykvm" logger the NullHandler that keeps Python's last-resort handler from printing to stderr.
 
 __version__ = "0.1.0"
 
@@ -39,8 +39,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -9,22 +9,38 @@ can make the host touch memory outside the guest's.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import GuestMemoryError, KvmError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pykvm.vm import Vm
 
 PAGE_SIZE = 4096
 
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # no suffix: MiB, as QEMU's -m
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 MAX_SIZE = 1 << 64
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _split_size(text: str) -> tuple[str, str, str] | None:
+    """``" 1.5 GiB"`` -> ``("1", "5", "G")``: whole digits, fraction digits, unit; None if it is not a size."""
+    text = text.strip().upper()
+    for suffix in ("IB", "B"):  # 64MiB, 64MB, 64M are the same (binary units, as QEMU)
+        if text.endswith(suffix) and len(text) > len(suffix) and text[-len(suffix) - 1] in "KMGT":
+            text = text[:-len(suffix)]
+            break
+    unit = text[-1:] if text[-1:] in ("K", "M", "G", "T") else ""
+    number = text[:len(text) - len(unit)].rstrip()
+    whole, dot, fraction = number.partition(".")
+    if not _digits(whole) or (dot and not _digits(fraction)):
+        return None
+    return whole, fraction, unit
 
 
 def parse_size(text: str | int) -> int:
@@ -39,14 +55,14 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         value = text
     else:
-        match = _SIZE.match(text)
-        if not match:
+        parts = _split_size(text)
+        if parts is None:
             raise ValueError(f"bad size {text!r}: use a number with K, M, G or T, like 64M")
-        number, unit = match.groups()
-        exact = Decimal(number) * _UNITS[unit.upper()]
-        if exact != exact.to_integral_value():
+        whole, fraction, unit = parts
+        scaled = int(whole + fraction) * _UNITS[unit]  # exact: the fraction's digits, then divide
+        value, rest = divmod(scaled, 10 ** len(fraction))
+        if rest:
             raise ValueError(f"bad size {text!r}: not a whole number of bytes")
-        value = int(exact)
     if not 0 < value < MAX_SIZE:
         raise ValueError(f"bad size {text!r}: must be more than 0 and less than 2**64 bytes")
     return value

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError, check
 from pykvm.fdowner import FdOwner
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pykvm.vm import Vm
 

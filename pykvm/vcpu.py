@@ -15,14 +15,14 @@ import os
 import signal
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from pykvm import exits
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError, check
 from pykvm.fdowner import FdOwner
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pykvm.stats import StatsFd
 

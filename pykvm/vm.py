@@ -7,12 +7,12 @@ owns its fd; vCPUs created from it own theirs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import check
 from pykvm.fdowner import FdOwner
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pykvm.stats import StatsFd
     from pykvm.vcpu import Vcpu

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pykvm.errors import UsageError
 
+
 @dataclass
 class Endpoint:
     """An opened character device: ``kind`` is ``stdio``, ``mux``, ``backend`` or ``none``."""
@@ -67,21 +68,25 @@ def _flags(items: list[tuple[str, str]], what: str, allowed: tuple[str, ...]) ->
 
 def open_endpoint(spec: str, chardevs: dict[str, tuple[str, dict[str, str]]], *, what: str,
                   label: str) -> Endpoint:
-    """Open what ``spec`` names; UsageError (one line) when it cannot be."""
-    from pykvm.virtio.backends import FileBackend, NullBackend, PtyBackend
-
+    """Open what ``spec`` names; UsageError (one line) when it cannot be (backends imported as needed)."""
     if spec == "stdio":
         return Endpoint("stdio")
     if spec == "mon:stdio":
         return Endpoint("mux")
     if spec == "null":
+        from pykvm.virtio.backends import NullBackend
+
         return Endpoint("backend", NullBackend())
     if spec == "none":
         return Endpoint("none")
     if spec == "pty":
+        from pykvm.virtio.backends import PtyBackend
+
         backend = PtyBackend(label)
         return Endpoint("backend", backend, f"char device redirected to {backend.slave_name} (label {label})")
     if spec.startswith("file:") and len(spec) > 5:
+        from pykvm.virtio.backends import FileBackend
+
         try:
             return Endpoint("backend", FileBackend(spec[5:]))
         except OSError as exc:

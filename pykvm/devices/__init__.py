@@ -24,9 +24,9 @@ C buffered from a ``txbuf`` row.
 
 from __future__ import annotations
 
+from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 from pykvm.errors import DeviceError
 
@@ -43,9 +43,12 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Device(Protocol):
-    """What the bus requires of a device.
+def _has_methods(cls: type, names: tuple[str, ...]) -> bool:
+    return all(callable(getattr(cls, name, None)) for name in names)
+
+
+class Device(ABC):
+    """What the bus requires of a device (a structural type: any class with these methods is one).
 
     ``read(offset, size)`` returns exactly ``size`` bytes, little-endian, as
     x86 does.  ``write(offset, data)`` receives the bytes the guest wrote.
@@ -63,6 +66,10 @@ class Device(Protocol):
     def write(self, offset: int, data: bytes) -> None:
         """Take a guest write of ``data`` at ``offset``."""
         ...
+
+    @classmethod
+    def __subclasshook__(cls, other: type):  # isinstance(x, Device): x has read and write (as collections.abc)
+        return _has_methods(other, ("read", "write")) if cls is Device else NotImplemented
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,8 @@ class FastRow:
     name: str = ""
 
 
-@runtime_checkable
-class FastPathDevice(Protocol):
-    """A device that offers some of its registers to the C loop (see the module docstring)."""
+class FastPathDevice(ABC):
+    """A device that offers some of its registers to the C loop (see the module docstring); structural too."""
 
     fast_path_changed: Callable[[], None] | None
 
@@ -99,6 +105,11 @@ class FastPathDevice(Protocol):
     def fast_hits(self, row: FastRow, hits: int, last_value: int) -> None:
         """C handled ``hits`` writes to ``row`` since the last call; the last wrote ``last_value``."""
         ...
+
+    @classmethod
+    def __subclasshook__(cls, other: type):
+        # (fast_path_changed is an instance attribute: a class does not show it)
+        return _has_methods(other, ("fast_rows", "fast_hits")) if cls is FastPathDevice else NotImplemented
 
 
 class DeviceStop(Exception):

@@ -27,10 +27,16 @@ detect    plan_image, format detection in QEMU's order     hw/i386/x86.c
 
 from __future__ import annotations
 
-from pykvm.loaders.bootdata import Module, split_initrd
-from pykvm.loaders.detect import FORMATS, detect_format, plan_image
-from pykvm.loaders.plan import CPU_STATES, LoadPlan, MemoryMap, Segment
-from pykvm.loaders.source import ImageSource
+from pykvm._lazy import lazy_exports
 
-__all__ = ["CPU_STATES", "FORMATS", "ImageSource", "LoadPlan", "MemoryMap", "Module", "Segment", "detect_format",
-           "plan_image", "split_initrd"]
+# Imported on first use: a flat guest's run never reads the ELF, Multiboot or Linux loaders.
+_EXPORTS = {
+    "Module": "pykvm.loaders.bootdata", "split_initrd": "pykvm.loaders.bootdata",
+    "FORMATS": "pykvm.loaders.detect", "detect_format": "pykvm.loaders.detect", "plan_image": "pykvm.loaders.detect",
+    "CPU_STATES": "pykvm.loaders.plan", "LoadPlan": "pykvm.loaders.plan", "MemoryMap": "pykvm.loaders.plan",
+    "Segment": "pykvm.loaders.plan",
+    "ImageSource": "pykvm.loaders.source",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

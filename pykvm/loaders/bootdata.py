@@ -10,7 +10,7 @@ offset``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.plan import Segment

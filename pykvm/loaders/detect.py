@@ -15,20 +15,17 @@ program headers and notes too).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.bootdata import Module, module_pairs
-from pykvm.loaders.elf import is_elf, plan_elf, read_elf
 from pykvm.loaders.flat import check_mode, plan_flat
-from pykvm.loaders.linux import is_bzimage, plan_linux
-from pykvm.loaders.multiboot import SEARCH_LIMIT, find_header, plan_multiboot
 from pykvm.loaders.plan import LoadPlan, MemoryMap
-from pykvm.loaders.pvh import plan_pvh, pvh_entry
 from pykvm.loaders.source import ImageSource
 
+# The protocol loaders are imported when an image needs them (a flat guest's run never does).
 FORMATS = ("auto", "flat", "elf", "multiboot", "linux", "pvh")
-HEAD_SIZE = SEARCH_LIMIT    # enough for the Multiboot search and the Linux setup header
+HEAD_SIZE = 8192  # multiboot.SEARCH_LIMIT: enough for the Multiboot search and the Linux setup header
 BOOT_PROTOCOLS = "a Multiboot, Linux or PVH kernel"
 
 
@@ -40,6 +37,11 @@ def read_head(source: ImageSource) -> bytes:
 
 def detect_format(source: ImageSource, head: bytes | None = None) -> str:
     """"linux", "multiboot", "pvh", "elf" or "flat", in QEMU's order (see the module docstring)."""
+    from pykvm.loaders.elf import is_elf, read_elf
+    from pykvm.loaders.linux import is_bzimage
+    from pykvm.loaders.multiboot import find_header
+    from pykvm.loaders.pvh import pvh_entry
+
     head = read_head(source) if head is None else head
     if is_bzimage(head):
         return "linux"
@@ -86,13 +88,21 @@ def plan_image(
                               "the state its boot protocol defines")
 
     if format == "linux":
+        from pykvm.loaders.linux import plan_linux
+
         return plan_linux(source, head, memory_map=memory_map, cmdline=cmdline, modules=modules, rsdp=rsdp)
     if format == "multiboot":
+        from pykvm.loaders.multiboot import plan_multiboot
+
         return plan_multiboot(source, head, memory_map=memory_map, cmdline=cmdline, modules=modules,
                               kernel_name=kernel_name)
     if format == "pvh":
+        from pykvm.loaders.pvh import plan_pvh
+
         return plan_pvh(source, memory_map=memory_map, cmdline=cmdline, modules=modules, rsdp=rsdp)
     if format == "elf":
+        from pykvm.loaders.elf import plan_elf
+
         plan = plan_elf(source, mode=mode)
     else:
         plan = plan_flat(source, mode=mode or "long", load_addr=load_addr, entry=entry)

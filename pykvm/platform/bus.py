@@ -24,8 +24,8 @@ Rules:
 from __future__ import annotations
 
 import bisect
+from collections import namedtuple
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from pykvm.devices import Device
 from pykvm.errors import BusError, UnmappedAccess, describe_access
@@ -37,14 +37,14 @@ __all__ = ["ADDRESS_SPACE_SIZE", "Bus", "BusError", "BusRange", "UnmappedAccess"
 ADDRESS_SPACE_SIZE = {"pio": 1 << 16, "mmio": 1 << 64}
 
 
-class BusRange(NamedTuple):
-    """One registered range: ``length`` addresses from ``base`` (``end`` is the first past it)."""
+class BusRange(namedtuple("BusRange", "base length name device end")):
+    """One registered range: ``length`` addresses from ``base`` (``end`` is the first past it).
 
-    base: int
-    length: int
-    name: str
-    device: Device
-    end: int
+    (``collections.namedtuple`` rather than ``typing.NamedTuple``: the same
+    tuple, without importing typing on every start.)
+    """
+
+    __slots__ = ()
 
     @classmethod
     def make(cls, base: int, length: int, name: str, device: Device) -> "BusRange":

@@ -16,11 +16,11 @@ from __future__ import annotations
 import errno
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pykvm.vcpu import Vcpu
 

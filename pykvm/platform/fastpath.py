@@ -22,21 +22,17 @@ or off.
 from __future__ import annotations
 
 import threading
+from collections import namedtuple
 from collections.abc import Callable
-from typing import NamedTuple
 
-from pykvm.devices import FastRow
 from pykvm.platform.bus import Bus
 from pykvm.platform.cloop import MMIO, PIO, READ_ACTIONS, WRITE_ACTIONS, CLoop, FastRange
 
 
-class RowOwner(NamedTuple):
-    """Whom a row's statistics go back to: the bus counter and the device's row."""
+class RowOwner(namedtuple("RowOwner", "bus range_name device row")):
+    """Whom a row's statistics go back to: the bus (``Bus``), its range's name, the device and its ``FastRow``."""
 
-    bus: Bus
-    range_name: str
-    device: object
-    row: FastRow
+    __slots__ = ()
 
 
 class FastPath:

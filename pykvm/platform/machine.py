@@ -28,9 +28,9 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from pykvm.errors import LoaderError
 from pykvm._native_loader import lib
 from pykvm.devices import Uart16550
+from pykvm.errors import LoaderError
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.platform import layout
 from pykvm.platform.bus import Bus
@@ -40,11 +40,10 @@ from pykvm.platform.fastpath import FastPath
 from pykvm.platform.pc import SerialCapture, add_pc_devices
 from pykvm.platform.results import REGISTER_NAMES, RunAccounting, RunResult
 from pykvm.platform.vcpu_loop import VcpuLoop, VcpuStop
-from pykvm.platform.virtio_wiring import VirtioSlot, VirtioWiring
 from pykvm.platform.watchdog import shared_watchdog
 from pykvm.system import Kvm
 
-__all__ = ["Machine", "RunResult", "VirtioSlot", "check_timeout"]
+__all__ = ["Machine", "RunResult", "check_timeout"]
 
 MIN_MEMORY = 2 << 20
 MAX_MEMORY = 64 << 30
@@ -84,7 +83,10 @@ class Machine:
     every exit to Python, for comparison).  ``irqchip``: create the
     in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts).
     ``serial``: a callable receiving the guest's COM1 bytes as they come
-    (the result keeps them too).
+    (the result keeps them too).  ``kernel_stats``: read KVM's binary stats
+    (KVM_GET_STATS_FD) so that ``RunResult.split`` counts the exits handled
+    in the kernel; False saves setting them up (``pykvm run`` without
+    ``--stats``).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Machine:
         c_loop: bool = True,
         irqchip: bool = False,
         serial: Callable[[bytes], None] | None = None,
+        kernel_stats: bool = True,
         kvm: Kvm | None = None,
     ) -> None:
         self.memory_size = parse_size(memory)
@@ -105,7 +108,7 @@ class Machine:
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
-        self.virtio: VirtioWiring | None = None
+        self.virtio = None  # pykvm.platform.virtio_wiring.VirtioWiring, made by the first add_virtio
         self.irqchip = irqchip
         self.pio = Bus("pio", strict=strict)
         self.mmio = Bus("mmio", strict=strict)
@@ -129,11 +132,8 @@ class Machine:
             self.loop = VcpuLoop(self.vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
                                  describe_cpu=self.describe_cpu)
             self.loop.c_loop = c_loop
-            if self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
+            if kernel_stats and self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
                 self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
-            self.virtio = VirtioWiring(self.vm, self.memory, irqchip=irqchip, add_device=self.add_device,
-                                       remove_device=self.remove_device, irq_line=self.irq_line,
-                                       post=self.loop.post)
             capture = SerialCapture(serial, on_error=self._output_failed)
             self.pc = add_pc_devices(self.add_device, self.irq_line, capture)
         except BaseException:
@@ -273,16 +273,22 @@ class Machine:
         ``"ioeventfd"``) and ``interrupt`` (``"irq_line"``, ``"irqfd"``) are
         explained in ``pykvm.platform.virtio_wiring``.
         """
+        if self.virtio is None:  # the first virtio device: its wiring (and I/O thread) come with it
+            from pykvm.platform.virtio_wiring import VirtioWiring
+
+            self.virtio = VirtioWiring(self.vm, self.memory, irqchip=self.irqchip, add_device=self.add_device,
+                                       remove_device=self.remove_device, irq_line=self.irq_line,
+                                       post=self.loop.post)
         return self.virtio.add(device, base=base, irq=irq, notify=notify, interrupt=interrupt, name=name)
 
     @property
-    def virtio_devices(self) -> list[VirtioSlot]:
-        """The virtio devices added, with their base, IRQ and notification paths."""
-        return list(self.virtio.slots)
+    def virtio_devices(self) -> list:
+        """The virtio devices added (``VirtioSlot``: base, IRQ and notification paths)."""
+        return list(self.virtio.slots) if self.virtio is not None else []
 
     def virtio_cmdline(self) -> str:
         """The Linux parameters that declare this machine's virtio-mmio devices (``virtio_mmio.device=...``)."""
-        return self.virtio.cmdline()
+        return self.virtio.cmdline() if self.virtio is not None else ""
 
     def add_coalesced_zone(self, *, port: int | None = None, mmio: int | None = None, length: int) -> None:
         """Let KVM buffer guest writes to a range in the coalesced ring instead of exiting.

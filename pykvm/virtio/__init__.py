@@ -72,14 +72,17 @@ host carries on.  The driver recovers by resetting the device.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pykvm.virtio.queue import SplitVirtqueue, VirtqueueError
+from pykvm._lazy import lazy_exports
+from pykvm.log import get_logger
 
-log = logging.getLogger("pykvm.virtio")
+if TYPE_CHECKING:  # annotations only: the queue module comes with the device types that use it
+    from pykvm.virtio.queue import SplitVirtqueue
+
+log = get_logger("pykvm.virtio")
 
 # Device status bits (2.1).  The driver sets them in this order; the device
 # sets NEEDS_RESET, and refuses FEATURES_OK by leaving it clear.
@@ -225,9 +228,15 @@ class VirtioDevice:
             self.transport.process_queue(index)
 
 
-# The submodules import the names above, so they come last (as in pykvm.devices).
-from pykvm.virtio.console import VirtioConsole  # noqa: E402
-from pykvm.virtio.mmio import VirtioMmioDevice, linux_cmdline  # noqa: E402
+# The submodules import the names above; they are imported when first used (a run with no
+# virtio device never loads them).
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "VirtioConsole": "pykvm.virtio.console",
+    "VirtioMmioDevice": "pykvm.virtio.mmio",
+    "linux_cmdline": "pykvm.virtio.mmio",
+    "SplitVirtqueue": "pykvm.virtio.queue",
+    "VirtqueueError": "pykvm.errors",
+})
 
 __all__ = [
     "RING_FEATURES",

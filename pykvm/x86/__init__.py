@@ -12,83 +12,29 @@ GDT, TSS and page tables go is the platform's choice
 * :mod:`~pykvm.x86.paging`   page-table builders and a page walker;
 * :mod:`~pykvm.x86.modes`    :func:`setup_mode`: put a vCPU in a CPU mode;
 * :mod:`~pykvm.x86.state`    decode registers into names and tables.
+
+The names below are imported from their module on first use
+(``pykvm._lazy``): a run that sets up real mode never builds page tables.
 """
 
 from __future__ import annotations
 
-from . import bits
-from .modes import ModeSetup, TablePlacement, mode_registers, setup_mode
-from .paging import (
-    Level,
-    PageTableBuilder,
-    PageTableError,
-    PageTables4Level,
-    PageTables32,
-    PageTablesPae,
-    Translation,
-    build_identity_4level,
-    build_identity_32bit,
-    build_identity_pae,
-    is_canonical,
-    page_table_builder,
-    paging_mode_of,
-    translate,
-    walk,
-)
-from .segments import FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
-from .state import (
-    MODES,
-    check_mode,
-    cpl,
-    cpu_mode_name,
-    decode_cr0,
-    decode_cr4,
-    decode_efer,
-    decode_rflags,
-    format_regs,
-    format_sregs,
-)
+from pykvm._lazy import lazy_exports
 
-__all__ = [
-    "bits",
-    "MODES",
-    "check_mode",
-    # segments
-    "Segment",
-    "Gdt",
-    "FlatGdt",
-    "flat_gdt",
-    "real_mode_segment",
-    "tss32",
-    "tss64",
-    # paging
-    "PageTableBuilder",
-    "PageTables32",
-    "PageTablesPae",
-    "PageTables4Level",
-    "PageTableError",
-    "page_table_builder",
-    "build_identity_32bit",
-    "build_identity_pae",
-    "build_identity_4level",
-    "Level",
-    "Translation",
-    "walk",
-    "translate",
-    "paging_mode_of",
-    "is_canonical",
-    # modes
-    "setup_mode",
-    "mode_registers",
-    "ModeSetup",
-    "TablePlacement",
-    # state
-    "decode_rflags",
-    "decode_cr0",
-    "decode_cr4",
-    "decode_efer",
-    "cpu_mode_name",
-    "cpl",
-    "format_sregs",
-    "format_regs",
-]
+from . import bits  # constants only: cheap, and used everywhere
+
+_MODULES = {
+    "modes": ("ModeSetup", "TablePlacement", "mode_registers", "setup_mode"),
+    "paging": ("Level", "PageTableBuilder", "PageTableError", "PageTables4Level", "PageTables32", "PageTablesPae",
+               "Translation", "build_identity_4level", "build_identity_32bit", "build_identity_pae", "is_canonical",
+               "page_table_builder", "paging_mode_of", "translate", "walk"),
+    "segments": ("FlatGdt", "Gdt", "Segment", "flat_gdt", "real_mode_segment", "tss32", "tss64"),
+    "state": ("MODES", "check_mode", "cpl", "cpu_mode_name", "decode_cr0", "decode_cr4", "decode_efer",
+              "decode_rflags", "format_regs", "format_sregs"),
+}
+_EXPORTS = {name: f"pykvm.x86.{module}" for module, names in _MODULES.items() for name in names}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+__all__ = ["bits", *_EXPORTS]

@@ -28,7 +28,6 @@ import dataclasses
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from . import bits
 from .state import check_mode, describe_segment_type, format_table
@@ -153,13 +152,13 @@ class Segment:
         )
 
     @classmethod
-    def from_kvm(cls, obj: Any) -> Segment:
+    def from_kvm(cls, obj: object) -> Segment:
         """Read a ``struct kvm_segment``-like object (e.g. ``sregs.cs``)."""
         return cls(**{name: getattr(obj, name) for name in KVM_SEGMENT_FIELDS})
 
     # --- conversions --------------------------------------------------------
 
-    def to_kvm(self, obj: Any) -> Any:
+    def to_kvm(self, obj: object) -> object:
         """Copy every field into a ``struct kvm_segment``-like *obj*; return it.
 
         Booleans are stored as 0/1, as the C structure holds ``__u8``.

@@ -13,7 +13,6 @@ Nothing here touches KVM.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from . import bits
 
@@ -191,7 +190,7 @@ def describe_segment_type(
     return f"{name} DPL{dpl}"
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Lay out *rows* under *headers* in aligned, left-justified columns.
 
     Cells are converted with ``str()``; trailing spaces are stripped.
@@ -219,7 +218,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 _SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
-def _segment_flags(seg: Any) -> str:
+def _segment_flags(seg: object) -> str:
     flags = []
     for name, label in (("present", "P"), ("s", "S"), ("db", "DB"), ("l", "L"), ("g", "G"), ("avl", "AVL")):
         if getattr(seg, name):
@@ -229,7 +228,7 @@ def _segment_flags(seg: Any) -> str:
     return " ".join(flags)
 
 
-def format_sregs(sregs: Any) -> str:
+def format_sregs(sregs: object) -> str:
     """Render a ``struct kvm_sregs``-like object as a readable table.
 
     Shows the CPU mode, CPL, each control register with its decoded flags,
@@ -270,7 +269,7 @@ _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
-def format_regs(regs: Any) -> str:
+def format_regs(regs: object) -> str:
     """Render a ``struct kvm_regs``-like object: GPRs in two columns, then
     RIP and RFLAGS with its decoded flags."""
     lines = []
