@@ -14,6 +14,8 @@ EXIT_INTERRUPTED = 130
 
 def entry() -> None:
     """Run ``pykvm.cli.main`` and exit with its status."""
+    from pykvm import timeline
+
     try:
         from pykvm.cli import main
 
@@ -21,6 +23,8 @@ def entry() -> None:
     except KeyboardInterrupt:
         print("pykvm: interrupted", file=sys.stderr)
         status = EXIT_INTERRUPTED
+    timeline.mark("exit")
+    timeline.write()
     sys.exit(status)
 
 

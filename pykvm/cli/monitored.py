@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+from pykvm import timeline
 from pykvm.cli.status import EXIT_OK, exit_status, stderr, stop_line
 from pykvm.errors import UsageError
 
@@ -106,11 +107,13 @@ def run_monitored(session) -> int:
     how = "end of input"
     try:
         with monitor:
+            if lines is None and not c.freeze:
+                # first, as QEMU starts its vCPUs before serving the monitor: a command that comes at once
+                # (or an input that ends at once) finds the guest running
+                monitor.start()
             if session.monitor_endpoint is not None:
                 sock = SocketMonitor(monitor, session.monitor_endpoint.backend, finished.set)
                 notices.append(sock.notify)
-            if lines is None and not c.freeze:
-                monitor.start()  # before the reader: an input that ends at once must find the guest running
             if c.input is not None:
                 session.feed(c.input)  # typed for the guest: the terminal's input is not read
             elif on_terminal and lines is None:
@@ -160,6 +163,7 @@ def run_monitored(session) -> int:
                 monitor._join()
     finally:
         terminal.restore()
+    timeline.mark("ran")
     stop = monitor.last_stop
     result = monitor.tracer.last_result
     if how == "end of input" and not (stop is not None and result is not None and stop.reason == result.ended):

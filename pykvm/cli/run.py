@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from pykvm import timeline
 from pykvm.cli.config import RunConfig, run_config
 from pykvm.cli.grammar import parse
 from pykvm.cli.options import RUN_OPTIONS, RUN_TABLE, help_text
@@ -49,7 +50,10 @@ def cmd_run(argv: list[str]) -> int:
         return EXIT_OK
     config = run_config(parsed)
     show_library_warnings(config)
+    timeline.mark("parsed")
     from pykvm.cli.session import Session
 
     with Session(config) as session:
-        return session.run()
+        status = session.run()
+    timeline.mark("closed")
+    return status

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import sys
 
+from pykvm import timeline
 from pykvm.cli.config import RunConfig
 from pykvm.cli.endpoints import Endpoint, open_endpoint
 from pykvm.cli.status import (
-    EXIT_GUEST_FAILED, EXIT_HOST_CANNOT, exit_status, install_sigterm, restore_signals, stderr, stop_line,
+    EXIT_GUEST_FAILED, EXIT_HOST_CANNOT, exit_status, install_stop_signals, restore_signals, stderr, stop_line,
 )
 from pykvm.errors import UsageError
 
@@ -178,7 +179,7 @@ class Session:
             sink = self.serial.backend.write
         try:
             self.machine = Machine(memory=c.memory, strict=c.strict, c_loop=c.c_loop, irqchip=self._irqchip(),
-                                   serial=sink)
+                                   serial=sink, kernel_stats=c.stats or c.stats_json is not None)
         except ValueError as exc:
             raise UsageError(f"-m: {exc}") from None
         m = self.machine
@@ -325,14 +326,16 @@ class Session:
 
     def run(self) -> int:
         self.build()
+        timeline.mark("built")
         status = self.load()
+        timeline.mark("loaded")
         if status is not None:
             return status
         if self.config.freeze and not (self.serial.kind == "mux" or self.config.monitor == "stdio"
                                        or self.monitor_endpoint is not None or self.config.monitor_script):
             raise UsageError("-S needs a monitor to continue the guest: add -monitor stdio, a -monitor "
                              "socket or --monitor-script FILE")
-        self._signals = install_sigterm(self._on_signal)
+        self._signals = install_stop_signals(self._on_signal)
         if self._monitored():
             from pykvm.cli.monitored import run_monitored
 
@@ -370,6 +373,7 @@ class Session:
             result = self.machine.run(timeout=self.config.timeout)
         finally:
             self.terminal.restore()
+        timeline.mark("ran")
         return self.report(result)
 
     def report(self, result) -> int:

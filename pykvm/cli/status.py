@@ -38,15 +38,17 @@ def stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def install_sigterm(stop) -> object:
-    """SIGTERM (and SIGHUP) end the run like a stop request: the summary is printed, the terminal restored.
+def install_stop_signals(stop) -> object:
+    """SIGINT, SIGTERM and SIGHUP end the run like a stop request: the summary is printed, the terminal restored.
 
-    ``stop(reason, signo)`` is called in the main thread (Python runs signal
-    handlers there), so it only asks the run to stop.
+    ``stop(reason, signo)`` runs in the main thread (Python runs signal
+    handlers there) wherever that thread is (the run loop, the monitor's
+    wait, setting up the console), so it only asks the run to stop.
     """
     previous = {}
-    for signo in (signal.SIGTERM, signal.SIGHUP):
-        previous[signo] = signal.signal(signo, lambda s, f: stop("terminated", s))
+    for signo, reason in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated"),
+                          (signal.SIGHUP, "terminated")):
+        previous[signo] = signal.signal(signo, lambda s, f, reason=reason: stop(reason, s))
     return previous
 
 
