@@ -7,39 +7,23 @@ compared and tested without KVM.  Answers to reads (IN, MMIO read) are
 written back with ``complete_io_in`` / ``complete_mmio_read`` before the next
 KVM_RUN (api.rst, "KVM_RUN ... kvm_run.io / kvm_run.mmio").
 
-The classes are written out rather than made by ``dataclasses``: one is
-built for every exit that reaches Python, and a plain ``__slots__`` class
+The classes are ``pykvm.values.Value`` classes rather than dataclasses: one
+is built for every exit that reaches Python, and a plain ``__slots__`` class
 is built in a third of a frozen dataclass's time and costs nothing at
-import (thirteen dataclasses took ~4 ms of every ``pykvm run``'s start).
+import.
 """
 
 from __future__ import annotations
 
 from pykvm._native_loader import ffi, lib
+from pykvm.values import Value
 
 
-class Exit:
-    """Base of the exit values: shown, compared and hashed by their fields (``__slots__``).
-
-    Values are read-only by convention (nothing in pykvm changes one after
-    ``decode``); enforcing it would cost every exit a slower constructor.
-    """
+class Exit(Value):
+    """Base of the exit values: shown, compared and hashed by their fields (``pykvm.values``)."""
 
     __slots__ = ()
     reason = ""
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    def __hash__(self) -> int:
-        return hash((type(self), *(getattr(self, n) for n in self.__slots__)))
-
-    def __reduce__(self):
-        return type(self), tuple(getattr(self, n) for n in self.__slots__)
 
 
 class IoOut(Exit):

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(pykvm.__file__).resolve().parent
 
 # Bottom to top.  A module may import its own layer's modules only inside its own package.
 LAYERS: list[tuple[str, ...]] = [
-    ("pykvm._lazy", "pykvm.log", "pykvm.timeline"),  # start-up plumbing: lazy names, loggers, phase marks
+    ("pykvm._lazy", "pykvm.log", "pykvm.timeline", "pykvm.values"),  # start-up plumbing: lazy names, loggers,
+                                                                       # phase marks, value classes
     ("pykvm.errors", "pykvm.host", "pykvm.ratelimit", "pykvm.platform.layout"),
     ("pykvm._native", "pykvm.fdowner"),  # the compiled extension (csrc/ through cffi)
     ("pykvm._native_loader",),

@@ -20,7 +20,6 @@ The exit statuses are in ``pykvm.cli.status``.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from pykvm import timeline
@@ -36,6 +35,8 @@ def show_library_warnings(config: RunConfig) -> None:
     """pykvm's warnings reach stderr, tagged, when someone is watching it (QEMU is silent otherwise)."""
     if not (sys.stderr.isatty() or config.summary or config.stats):
         return
+    import logging
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pykvm: warning: %(message)s"))
     handler.setLevel(logging.WARNING)

@@ -282,7 +282,7 @@ class Session:
                 if c.append or c.initrd:
                     if self.info.format != "multiboot":
                         raise UsageError(f"-append and -initrd go with a kernel; {c.guest} takes --args")
-                    m.load_image(guests.path(c.guest), format="multiboot", cmdline=c.append or self.info.cmdline,
+                    m.load_image(guests.file(c.guest), format="multiboot", cmdline=c.append or self.info.cmdline,
                                  modules=self._modules(split_initrd), name=c.guest)
                 else:
                     m.load_guest(c.guest, args=c.args)

@@ -25,9 +25,9 @@ or ``done: fail <why>``, and stop through isa-debug-exit at port 0xf4;
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from pykvm.errors import GuestNotBuilt, GuestNotFound
 from pykvm.platform.layout import LOAD_ADDR, REAL_MODE_LOAD_ADDR as REAL_LOAD_ADDR
@@ -49,7 +49,8 @@ __all__ = [
 ]
 
 #: Where ``make -C guests`` writes the binaries.
-BIN_DIR: Path = Path(__file__).resolve().parent / "bin"
+#: Where the binaries are (a str: pathlib is imported by :func:`path` only, not on every start).
+BIN_DIR: str = os.path.join(os.path.dirname(os.path.realpath(__file__)), "bin")
 
 
 #: File offset of the 16-byte parameter block in ``bench32.bin``:
@@ -350,8 +351,8 @@ def info(name: str) -> GuestInfo:
         ) from None
 
 
-def path(name: str, bin_dir: Path | str | None = None) -> Path:
-    """Return the path of guest *name*'s binary (``.bin``, or ``.elf`` for a Multiboot guest).
+def file(name: str, bin_dir: str | os.PathLike | None = None) -> str:
+    """The file name of guest *name*'s binary (``.bin``, or ``.elf`` for a Multiboot guest).
 
     Args:
         name: a guest name from :func:`names`.
@@ -363,14 +364,20 @@ def path(name: str, bin_dir: Path | str | None = None) -> Path:
         GuestNotBuilt: the binary does not exist yet.
     """
     guest = info(name)
-    directory = Path(bin_dir) if bin_dir is not None else BIN_DIR
-    file = directory / guest.file_name
-    if not file.is_file():
+    found = os.path.join(os.fspath(bin_dir) if bin_dir is not None else BIN_DIR, guest.file_name)
+    if not os.path.isfile(found):
         raise GuestNotBuilt(
-            f"guest {name!r} is not built: {file} does not exist; "
+            f"guest {name!r} is not built: {found} does not exist; "
             "run `make -C guests` in the pykvm source tree"
         )
-    return file
+    return found
+
+
+def path(name: str, bin_dir: str | os.PathLike | None = None):
+    """:func:`file` as a ``pathlib.Path``."""
+    from pathlib import Path
+
+    return Path(file(name, bin_dir))
 
 
 def bench_params_offset(name: str = "bench32") -> int:

@@ -319,8 +319,8 @@ class Machine:
 
         info = guests.info(name)
         if info.format == "multiboot":
-            return self.load_image(guests.path(name), format="multiboot", cmdline=info.cmdline, name=name)
-        return self.load_image(guests.path(name), format="flat", mode=info.mode, load_addr=info.load_addr,
+            return self.load_image(guests.file(name), format="multiboot", cmdline=info.cmdline, name=name)
+        return self.load_image(guests.file(name), format="flat", mode=info.mode, load_addr=info.load_addr,
                                args=args, name=name)
 
     def load_image(self, image, *, format: str = "auto", mode: str | None = None, load_addr: int | None = None,
