@@ -9,10 +9,10 @@ can make the host touch memory outside the guest's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import GuestMemoryError, KvmError
+from pykvm.values import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -68,17 +68,21 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-@dataclass
-class MemoryRegion:
-    """One KVM memory slot backed by an anonymous mapping."""
+class MemoryRegion(Value):
+    """One KVM memory slot backed by an anonymous mapping (``_ptr``: the mapping; not shown or compared)."""
 
-    slot: int
-    gpa: int
-    size: int
-    hva: int
-    readonly: bool = False
-    log_dirty: bool = False
-    _ptr: object = field(default=None, repr=False)
+    __slots__ = ("slot", "gpa", "size", "hva", "readonly", "log_dirty", "_ptr")
+    __hash__ = None  # mutable, as the dataclass was: not hashable
+
+    def __init__(self, slot: int, gpa: int, size: int, hva: int, readonly: bool = False, log_dirty: bool = False,
+                 _ptr: object = None) -> None:
+        self.slot = slot
+        self.gpa = gpa
+        self.size = size
+        self.hva = hva
+        self.readonly = readonly
+        self.log_dirty = log_dirty
+        self._ptr = _ptr
 
     @property
     def end(self) -> int:

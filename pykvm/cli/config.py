@@ -8,10 +8,10 @@ built from the configuration alone (``pykvm.cli.setup``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from pykvm.cli.grammar import Parsed, split_suboptions
 from pykvm.errors import UsageError
+from pykvm.values import Value
 
 MAX_CPUS = 255  # xAPIC IDs; the MADT pykvm builds takes no x2APIC entries
 MACHINE_TYPES = ("pc", "microvm")
@@ -20,52 +20,101 @@ DEVICE_DRIVERS = ("isa-debug-exit", "virtio-serial-device", "virtio-serial", "vi
 DEFAULT_MEMORY = 128 << 20  # QEMU's
 
 
-@dataclass
-class Device:
+class Device(Value):
     """One ``-device DRIVER,prop=value,...``."""
 
-    driver: str
-    props: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("driver", "props")
+    __hash__ = None  # mutable, as the dataclass was: not hashable
+
+    def __init__(self, driver: str, props: dict[str, str] | None = None) -> None:
+        self.driver = driver
+        self.props = {} if props is None else props
 
 
-@dataclass
-class RunConfig:
-    """What to boot, on what machine, with which devices and terminals, and pykvm's own settings."""
+class RunConfig(Value):
+    """What to boot, on what machine, with which devices and terminals, and pykvm's own settings.
 
-    guest: str | None = None
-    kernel: str | None = None
-    initrd: list[str] = field(default_factory=list)  # -initrd values, each "a args,b" (split by the loader)
-    append: str = ""
-    memory: int = DEFAULT_MEMORY
-    memory_given: bool = False
-    cpus: int = 1
-    topology: dict[str, int] = field(default_factory=dict)
-    machine: str | None = None  # None: the guest's or -kernel's default
-    irqchip: str | None = None  # kernel_irqchip=on|off|split; None: the machine's default
-    cpu_features: list[tuple[str, bool]] = field(default_factory=list)  # -cpu host,+x,-y
-    name: str = ""
-    devices: list[Device] = field(default_factory=list)
-    globals: list[tuple[str, str, str]] = field(default_factory=list)
-    serials: list[str] = field(default_factory=list)
-    monitor: str | None = None
-    chardevs: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
-    nographic: bool = False
-    nodefaults: bool = False
-    freeze: bool = False
-    gdb: str | None = None
-    # pykvm's own
-    mode: str | None = None
-    format: str = "auto"
-    load_addr: int | None = None
-    args: tuple[int, int] = (0, 0)
-    timeout: float | None = None
-    strict: bool = False
-    c_loop: bool = True
-    input: bytes | None = None
-    monitor_script: str | None = None
-    summary: bool = False
-    stats: bool = False
-    stats_json: str | None = None
+    A list or dict left out is a new one for each configuration.
+    """
+
+    __slots__ = (
+        "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
+        "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
+        "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
+        "monitor_script", "summary", "stats", "stats_json",
+    )
+    __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
+
+    def __init__(
+        self,
+        guest: str | None = None,
+        kernel: str | None = None,
+        initrd: list[str] | None = None,
+        append: str = "",
+        memory: int = DEFAULT_MEMORY,
+        memory_given: bool = False,
+        cpus: int = 1,
+        topology: dict[str, int] | None = None,
+        machine: str | None = None,
+        irqchip: str | None = None,
+        cpu_features: list[tuple[str, bool]] | None = None,
+        name: str = "",
+        devices: list[Device] | None = None,
+        globals: list[tuple[str, str, str]] | None = None,
+        serials: list[str] | None = None,
+        monitor: str | None = None,
+        chardevs: dict[str, tuple[str, dict[str, str]]] | None = None,
+        nographic: bool = False,
+        nodefaults: bool = False,
+        freeze: bool = False,
+        gdb: str | None = None,
+        mode: str | None = None,
+        format: str = "auto",
+        load_addr: int | None = None,
+        args: tuple[int, int] = (0, 0),
+        timeout: float | None = None,
+        strict: bool = False,
+        c_loop: bool = True,
+        input: bytes | None = None,
+        monitor_script: str | None = None,
+        summary: bool = False,
+        stats: bool = False,
+        stats_json: str | None = None,
+    ) -> None:
+        self.guest = guest
+        self.kernel = kernel
+        self.initrd = [] if initrd is None else initrd  # -initrd values, each "a args,b" (split by the loader)
+        self.append = append
+        self.memory = memory
+        self.memory_given = memory_given
+        self.cpus = cpus
+        self.topology = {} if topology is None else topology
+        self.machine = machine  # None: the guest's or -kernel's default
+        self.irqchip = irqchip  # kernel_irqchip=on|off|split; None: the machine's default
+        self.cpu_features = [] if cpu_features is None else cpu_features  # -cpu host,+x,-y
+        self.name = name
+        self.devices = [] if devices is None else devices
+        self.globals = [] if globals is None else globals
+        self.serials = [] if serials is None else serials
+        self.monitor = monitor
+        self.chardevs = {} if chardevs is None else chardevs
+        self.nographic = nographic
+        self.nodefaults = nodefaults
+        self.freeze = freeze
+        self.gdb = gdb
+        # pykvm's own
+        self.mode = mode
+        self.format = format
+        self.load_addr = load_addr
+        self.args = args
+        self.timeout = timeout
+        self.strict = strict
+        self.c_loop = c_loop
+        self.input = input
+        self.monitor_script = monitor_script
+        self.summary = summary
+        self.stats = stats
+        self.stats_json = stats_json
 
 
 def number(text: str, what: str) -> int:

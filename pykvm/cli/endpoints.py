@@ -20,18 +20,20 @@ Backends are ``pykvm.virtio.backends`` objects (``write``, ``start``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pykvm.errors import UsageError
+from pykvm.values import Value
 
 
-@dataclass
-class Endpoint:
+class Endpoint(Value):
     """An opened character device: ``kind`` is ``stdio``, ``mux``, ``backend`` or ``none``."""
 
-    kind: str
-    backend: object = None
-    announce: str = ""  # a line to print (where a pty or socket is)
+    __slots__ = ("kind", "backend", "announce")
+    __hash__ = None  # mutable, as the dataclass was: not hashable
+
+    def __init__(self, kind: str, backend: object = None, announce: str = "") -> None:
+        self.kind = kind
+        self.backend = backend
+        self.announce = announce  # a line to print (where a pty or socket is)
 
     def close(self) -> None:
         if self.backend is not None:

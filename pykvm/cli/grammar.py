@@ -22,15 +22,13 @@ parser on every start).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pykvm.errors import UsageError
+from pykvm.values import Value
 
 __all__ = ["Option", "parse", "split_suboptions", "Parsed"]
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(Value):
     """One option: its names, whether it takes a value, how ``--help`` describes it.
 
     ``kind`` is ``qemu`` (QEMU's meaning), ``pykvm`` (pykvm's own), or
@@ -39,12 +37,16 @@ class Option:
     under (the first name without dashes, by default).
     """
 
-    names: tuple[str, ...]
-    value: str | None = None  # metavar when the option takes a value
-    help: str = ""
-    kind: str = "qemu"
-    dest: str = ""
-    repeat: bool = False  # every occurrence is kept (else the last wins)
+    __slots__ = ("names", "value", "help", "kind", "dest", "repeat")
+
+    def __init__(self, names: tuple[str, ...], value: str | None = None, help: str = "", kind: str = "qemu",
+                 dest: str = "", repeat: bool = False) -> None:
+        self.names = names
+        self.value = value  # metavar when the option takes a value
+        self.help = help
+        self.kind = kind
+        self.dest = dest
+        self.repeat = repeat  # every occurrence is kept (else the last wins)
 
     @property
     def key(self) -> str:

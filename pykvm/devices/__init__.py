@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from pykvm.errors import DeviceError
+from pykvm.values import Value
 
 __all__ = [
     "Device",
@@ -72,8 +72,7 @@ class Device(ABC):
         return _has_methods(other, ("read", "write")) if cls is Device else NotImplemented
 
 
-@dataclass(frozen=True)
-class FastRow:
+class FastRow(Value):
     """Registers of a device that the C run loop may handle without calling Python.
 
     ``offset``/``length`` are relative to the device's range.  ``read`` is
@@ -84,13 +83,17 @@ class FastRow:
     ``"eventfd"`` (C signals ``write_fd``: a doorbell served by a host thread).
     """
 
-    offset: int
-    length: int
-    read: str = "pass"
-    write: str = "pass"
-    read_value: int = 0
-    write_fd: int = -1
-    name: str = ""
+    __slots__ = ("offset", "length", "read", "write", "read_value", "write_fd", "name")
+
+    def __init__(self, offset: int, length: int, read: str = "pass", write: str = "pass", read_value: int = 0,
+                 write_fd: int = -1, name: str = "") -> None:
+        self.offset = offset
+        self.length = length
+        self.read = read
+        self.write = write
+        self.read_value = read_value
+        self.write_fd = write_fd
+        self.name = name
 
 
 class FastPathDevice(ABC):

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from pykvm.errors import GuestNotBuilt, GuestNotFound
 from pykvm.platform.layout import LOAD_ADDR, REAL_MODE_LOAD_ADDR as REAL_LOAD_ADDR
+from pykvm.values import Value
 
 __all__ = [
     "BENCH_KINDS",
@@ -93,8 +93,7 @@ _MULTIBOOT_ARGS = (
 )
 
 
-@dataclass(frozen=True)
-class GuestInfo:
+class GuestInfo(Value):
     """What a host needs to know to run one guest.
 
     Attributes:
@@ -126,16 +125,20 @@ class GuestInfo:
         cmdline: the default kernel command line (Multiboot guests).
     """
 
-    name: str
-    mode: str
-    load_addr: int
-    description: str
-    cpl: int
-    args: str
-    stop: str
-    format: str = "flat"
-    needs: tuple[str, ...] = ()
-    cmdline: str = ""
+    __slots__ = ("name", "mode", "load_addr", "description", "cpl", "args", "stop", "format", "needs", "cmdline")
+
+    def __init__(self, name: str, mode: str, load_addr: int, description: str, cpl: int, args: str, stop: str,
+                 format: str = "flat", needs: tuple[str, ...] = (), cmdline: str = "") -> None:
+        self.name = name
+        self.mode = mode
+        self.load_addr = load_addr
+        self.description = description
+        self.cpl = cpl
+        self.args = args
+        self.stop = stop
+        self.format = format
+        self.needs = needs
+        self.cmdline = cmdline
 
     @property
     def file_name(self) -> str:

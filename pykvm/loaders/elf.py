@@ -14,12 +14,12 @@ for their ELF kernels.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.plan import LoadPlan, Segment, span
 from pykvm.loaders.source import ImageSource
+from pykvm.values import Value
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -35,27 +35,33 @@ MAX_PHYSICAL = {ELFCLASS32: 1 << 32, ELFCLASS64: 1 << 52}   # 52: the architectu
 _EHDR = {ELFCLASS32: ("<HHIIIIIHHHHHH", 52, 32, EM_386), ELFCLASS64: ("<HHIQQQIHHHHHH", 64, 56, EM_X86_64)}
 
 
-@dataclass(frozen=True)
-class ProgramHeader:
-    index: int
-    type: int
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
-    align: int
+class ProgramHeader(Value):
+    __slots__ = ("index", "type", "offset", "vaddr", "paddr", "filesz", "memsz", "align")
+
+    def __init__(self, index: int, type: int, offset: int, vaddr: int, paddr: int, filesz: int, memsz: int,
+                 align: int) -> None:
+        self.index = index
+        self.type = type
+        self.offset = offset
+        self.vaddr = vaddr
+        self.paddr = paddr
+        self.filesz = filesz
+        self.memsz = memsz
+        self.align = align
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(Value):
     """The parts of an ELF executable a loader needs."""
 
-    source: ImageSource
-    bits: int                              # 32 or 64
-    entry: int                             # e_entry, a virtual address
-    loads: tuple[ProgramHeader, ...]       # non-empty PT_LOADs, by physical address
-    note_headers: tuple[ProgramHeader, ...]
+    __slots__ = ("source", "bits", "entry", "loads", "note_headers")
+
+    def __init__(self, source: ImageSource, bits: int, entry: int, loads: tuple[ProgramHeader, ...],
+                 note_headers: tuple[ProgramHeader, ...]) -> None:
+        self.source = source
+        self.bits = bits  # 32 or 64
+        self.entry = entry  # e_entry, a virtual address
+        self.loads = loads  # non-empty PT_LOADs, by physical address
+        self.note_headers = note_headers
 
     def entry_physical(self) -> int:
         """e_entry translated to the physical address of the PT_LOAD that holds it."""

@@ -39,14 +39,14 @@ entry at the load address, ESI = boot_params and EBX/EBP/EDI = 0, cpu
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.bootdata import Module, c_string, module_pairs
 from pykvm.loaders.plan import LoadPlan, MemoryMap, Segment, check_fits
 from pykvm.loaders.source import ImageSource
 from pykvm.loaders.space import BELOW_4G, FreeSpace, align_up
+from pykvm.values import Value
 
 SETUP_HEADER = 0x1F1
 HEADER_MAGIC = b"HdrS"          # at 0x202
@@ -91,22 +91,27 @@ def is_bzimage(head: bytes) -> bool:
     return len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == HEADER_MAGIC
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(Value):
     """The setup header fields a loader reads (boot.rst "THE REAL-MODE KERNEL HEADER")."""
 
-    version: int
-    setup_size: int          # bytes of real-mode code before the protected-mode kernel
-    syssize: int             # protected-mode kernel, 16-byte paragraphs
-    loadflags: int
-    initrd_addr_max: int
-    kernel_alignment: int
-    relocatable: bool
-    xloadflags: int          # 2.12+, else 0
-    cmdline_size: int
-    pref_address: int        # 2.10+, else 0x100000
-    init_size: int           # 2.10+, else 0 (unknown)
-    raw: bytes               # file bytes 0x1F1 up to the header's end, copied into boot_params
+    __slots__ = ("version", "setup_size", "syssize", "loadflags", "initrd_addr_max", "kernel_alignment", "relocatable",
+                 "xloadflags", "cmdline_size", "pref_address", "init_size", "raw")
+
+    def __init__(self, version: int, setup_size: int, syssize: int, loadflags: int, initrd_addr_max: int,
+                 kernel_alignment: int, relocatable: bool, xloadflags: int, cmdline_size: int, pref_address: int,
+                 init_size: int, raw: bytes) -> None:
+        self.version = version
+        self.setup_size = setup_size  # bytes of real-mode code before the protected-mode kernel
+        self.syssize = syssize  # protected-mode kernel, 16-byte paragraphs
+        self.loadflags = loadflags
+        self.initrd_addr_max = initrd_addr_max
+        self.kernel_alignment = kernel_alignment
+        self.relocatable = relocatable
+        self.xloadflags = xloadflags  # 2.12+, else 0
+        self.cmdline_size = cmdline_size
+        self.pref_address = pref_address  # 2.10+, else 0x100000
+        self.init_size = init_size  # 2.10+, else 0 (unknown)
+        self.raw = raw  # file bytes 0x1F1 up to the header's end, copied into boot_params
 
 
 def read_setup_header(source: ImageSource, head: bytes) -> SetupHeader:

@@ -36,8 +36,7 @@ Everything Multiboot points at is 32-bit, so all of it lies below 4 GiB.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.bootdata import BootBlock, Module, c_string, module_pairs
@@ -46,6 +45,7 @@ from pykvm.loaders.plan import LoadPlan, MemoryMap, Segment, check_fits, span
 from pykvm.loaders.source import ImageSource
 from pykvm.loaders.space import BELOW_4G, FreeSpace, align_up
 from pykvm.platform.layout import KiB, MiB, PAGE_SIZE
+from pykvm.values import Value
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002
@@ -74,11 +74,13 @@ LOADER_NAME = "pykvm"
 LOWER_MEMORY_MAX = 640 * KiB
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
-    offset: int               # in the file
-    flags: int
-    aout: tuple[int, int, int, int, int] | None   # header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr
+class MultibootHeader(Value):
+    __slots__ = ("offset", "flags", "aout")
+
+    def __init__(self, offset: int, flags: int, aout: tuple[int, int, int, int, int] | None) -> None:
+        self.offset = offset  # in the file
+        self.flags = flags
+        self.aout = aout  # header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr
 
 
 def find_header(head: bytes) -> tuple[int, int] | None:

@@ -10,10 +10,9 @@ written, and loaders are tested without KVM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pykvm.errors import LoaderError
 from pykvm.loaders.source import ImageSource
+from pykvm.values import Value
 from pykvm.x86 import MODES
 
 #: The CPU states a plan can ask for.  pykvm's five modes (it builds the GDT,
@@ -36,20 +35,29 @@ def span(start: int, end: int) -> str:
     return f"{start:#x}-{max(start, end - 1):#x}"
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Value):
     """Guest-physical ``[gpa, gpa + memsize)``: content (file range or ``data``), then zeroes."""
 
-    gpa: int
-    memsize: int
-    source: ImageSource | None = None   # None: the content is `data`
-    offset: int = 0                     # in source
-    filesz: int = 0                     # bytes taken from source
-    data: bytes = b""                   # generated content (boot info, boot_params, command lines)
-    what: str = ""                      # "kernel", "module 1 (initrd.img)", "boot_params": for messages
+    __slots__ = ("gpa", "memsize", "source", "offset", "filesz", "data", "what")
 
-    def __post_init__(self) -> None:
-        name = self.what or "segment"
+    def __init__(
+        self,
+        gpa: int,
+        memsize: int,
+        source: ImageSource | None = None,   # None: the content is `data`
+        offset: int = 0,                     # in source
+        filesz: int = 0,                     # bytes taken from source
+        data: bytes = b"",                   # generated content (boot info, boot_params, command lines)
+        what: str = "",                      # "kernel", "module 1 (initrd.img)", "boot_params": for messages
+    ) -> None:
+        self.gpa = gpa
+        self.memsize = memsize
+        self.source = source
+        self.offset = offset
+        self.filesz = filesz
+        self.data = data
+        self.what = what
+        name = what or "segment"
         if self.source is None and self.filesz:
             raise LoaderError(f"{name}: a file size without a source")
         if self.source is not None and self.data:
@@ -100,8 +108,7 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
     return [(s, e) for s, e in merged]
 
 
-@dataclass(frozen=True)
-class MemoryMap:
+class MemoryMap(Value):
     """What the platform tells a loader about the guest's memory.
 
     ``ram``: ``(base, size)`` of guest RAM.  ``e820``: ``(base, length,
@@ -110,13 +117,14 @@ class MemoryMap:
     put nothing in: page 0, the EBDA and BIOS area, the platform's own tables.
     """
 
-    ram: tuple[tuple[int, int], ...]
-    e820: tuple[tuple[int, int, int], ...] = ()
-    reserved: tuple[tuple[int, int], ...] = ()
+    __slots__ = ("ram", "e820", "reserved")
 
-    def __post_init__(self) -> None:
-        for name in ("ram", "e820", "reserved"):  # accept lists; keep the value hashable
-            object.__setattr__(self, name, tuple(tuple(int(x) for x in item) for item in getattr(self, name)))
+    def __init__(self, ram: tuple[tuple[int, int], ...], e820: tuple[tuple[int, int, int], ...] = (),
+                 reserved: tuple[tuple[int, int], ...] = ()) -> None:
+        # accept lists; keep the value hashable
+        self.ram = tuple(tuple(int(x) for x in item) for item in ram)
+        self.e820 = tuple(tuple(int(x) for x in item) for item in e820)
+        self.reserved = tuple(tuple(int(x) for x in item) for item in reserved)
         for base, size in self.ram + self.reserved:
             if base < 0 or size < 0 or base + size > 1 << 64:
                 raise LoaderError(f"memory map: bad range {base:#x}+{size:#x}")
@@ -140,20 +148,28 @@ class MemoryMap:
         return ", ".join(span(s, e) for s, e in self.ram_ranges()) or "none"
 
 
-@dataclass(frozen=True)
-class LoadPlan:
+class LoadPlan(Value):
     """How to start an image: what to write where, the CPU state, the entry and its registers."""
 
-    format: str                     # "flat", "elf32", "elf64", "multiboot", "linux", "pvh"
-    cpu: str                        # one of CPU_STATES
-    entry: int
-    regs: dict[str, int]            # rax/rbx/rsi/... as the protocol defines them
-    segments: tuple[Segment, ...]   # the image, modules, boot data
-    notes: str = ""
+    __slots__ = ("format", "cpu", "entry", "regs", "segments", "notes")
 
-    def __post_init__(self) -> None:
-        if self.cpu not in CPU_STATES:
-            raise LoaderError(f"unknown CPU state {self.cpu!r}")
+    def __init__(
+        self,
+        format: str,                     # "flat", "elf32", "elf64", "multiboot", "linux", "pvh"
+        cpu: str,                        # one of CPU_STATES
+        entry: int,
+        regs: dict[str, int],            # rax/rbx/rsi/... as the protocol defines them
+        segments: tuple[Segment, ...],   # the image, modules, boot data
+        notes: str = "",
+    ) -> None:
+        if cpu not in CPU_STATES:
+            raise LoaderError(f"unknown CPU state {cpu!r}")
+        self.format = format
+        self.cpu = cpu
+        self.entry = entry
+        self.regs = regs
+        self.segments = segments
+        self.notes = notes
 
     def occupied(self) -> list[tuple[int, int]]:
         """``(start, end)`` of every non-empty segment, sorted: the platform puts its tables elsewhere."""

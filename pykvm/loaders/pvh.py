@@ -26,7 +26,7 @@ module list, memory map, command line) at the lowest free page.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.bootdata import BootBlock, Module, c_string, module_pairs

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass
 
 from pykvm._native_loader import ffi, lib
 from pykvm.errors import KvmError
+from pykvm.values import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -82,8 +82,7 @@ def tsc_hz(vcpu: "Vcpu | None" = None) -> float:
     return _tsc_hz
 
 
-@dataclass(frozen=True)
-class FastRange:
+class FastRange(Value):
     """One row of the C loop's table, at an absolute port or address.
 
     ``write_fd`` is the eventfd a WRITE_EVENTFD range signals (a doorbell:
@@ -92,15 +91,20 @@ class FastRange:
     (the platform's fast-path table keeps the device and its row there).
     """
 
-    space: int
-    base: int
-    length: int
-    read_action: int = READ_PASS
-    write_action: int = WRITE_PASS
-    read_value: int = 0
-    name: str = ""
-    write_fd: int = -1
-    owner: object = None
+    __slots__ = ("space", "base", "length", "read_action", "write_action", "read_value", "name", "write_fd", "owner")
+
+    def __init__(self, space: int, base: int, length: int, read_action: int = READ_PASS,
+                 write_action: int = WRITE_PASS, read_value: int = 0, name: str = "", write_fd: int = -1,
+                 owner: object = None) -> None:
+        self.space = space
+        self.base = base
+        self.length = length
+        self.read_action = read_action
+        self.write_action = write_action
+        self.read_value = read_value
+        self.name = name
+        self.write_fd = write_fd
+        self.owner = owner
 
 
 class CLoop:

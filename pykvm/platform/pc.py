@@ -16,10 +16,10 @@ instead of unwinding through the UART model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pykvm.devices import DebugExit, I8042, Port80, Uart16550
 from pykvm.platform import layout
+from pykvm.values import Value
 
 #: At most this much serial output is kept for a RunResult.
 SERIAL_CAPTURE_LIMIT = 16 << 20
@@ -51,15 +51,19 @@ class SerialCapture:
                 self.on_error(self.error)
 
 
-@dataclass
-class PcDevices:
+class PcDevices(Value):
     """The default devices of a machine (``Machine.serial`` etc. are these)."""
 
-    serial: Uart16550
-    debug_exit: DebugExit
-    post: Port80
-    i8042: I8042
-    capture: SerialCapture
+    __slots__ = ("serial", "debug_exit", "post", "i8042", "capture")
+    __hash__ = None  # mutable, as the dataclass was: not hashable
+
+    def __init__(self, serial: Uart16550, debug_exit: DebugExit, post: Port80, i8042: I8042,
+                 capture: SerialCapture) -> None:
+        self.serial = serial
+        self.debug_exit = debug_exit
+        self.post = post
+        self.i8042 = i8042
+        self.capture = capture
 
 
 def add_pc_devices(add_device: Callable[..., None], irq_line: Callable[[int], Callable[[bool], None]],

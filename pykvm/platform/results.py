@@ -18,9 +18,10 @@ hosts ``io_exits`` stays 0 even for port I/O that reached user space.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 from pykvm.exits import REASON_NAMES
+from pykvm.values import Value
+
 # Exits that are returns of KVM_RUN without the guest having exited for a
 # reason of its own: a signal or immediate_exit.  Reported, but not counted
 # as user-mode exits.
@@ -34,22 +35,39 @@ KERNEL_COUNTERS = (
 )
 
 
-@dataclass(frozen=True)
-class ExitSplit:
+class ExitSplit(Value):
     """Where the exits of one run were handled, and where the time went."""
 
-    kvm_exits: int | None                      # KVM's 'exits' counter; None without a stats fd
-    user_exits: int                            # returned by KVM_RUN (pykvm counted them)
-    kernel_exits: int | None                   # kvm_exits - user_exits
-    interrupted: int                           # KVM_RUN returns for a signal / immediate_exit
-    by_reason: dict[str, dict[str, int]]       # reason -> {total, c, python}
-    kernel_counters: dict[str, int]            # deltas of KVM's cumulative counters
-    insn_emulation: int | None                 # instructions KVM emulated
-    seconds: float                             # wall time of run()
-    seconds_in_run: float                      # inside the KVM_RUN ioctl (guest + kernel mode)
-    seconds_in_c: float                        # C handlers
-    seconds_in_python: float                   # Python handlers (return to Python .. next KVM_RUN)
-    histograms: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # reason -> log2-ns buckets
+    __slots__ = ("kvm_exits", "user_exits", "kernel_exits", "interrupted", "by_reason", "kernel_counters",
+                 "insn_emulation", "seconds", "seconds_in_run", "seconds_in_c", "seconds_in_python", "histograms")
+
+    def __init__(
+        self,
+        kvm_exits: int | None,                      # KVM's 'exits' counter; None without a stats fd
+        user_exits: int,                            # returned by KVM_RUN (pykvm counted them)
+        kernel_exits: int | None,                   # kvm_exits - user_exits
+        interrupted: int,                           # KVM_RUN returns for a signal / immediate_exit
+        by_reason: dict[str, dict[str, int]],       # reason -> {total, c, python}
+        kernel_counters: dict[str, int],            # deltas of KVM's cumulative counters
+        insn_emulation: int | None,                 # instructions KVM emulated
+        seconds: float,                             # wall time of run()
+        seconds_in_run: float,                      # inside the KVM_RUN ioctl (guest + kernel mode)
+        seconds_in_c: float,                        # C handlers
+        seconds_in_python: float,                   # Python handlers (return to Python .. next KVM_RUN)
+        histograms: dict[str, dict[str, list[int]]] | None = None,  # reason -> log2-ns buckets ({} if None)
+    ) -> None:
+        self.kvm_exits = kvm_exits
+        self.user_exits = user_exits
+        self.kernel_exits = kernel_exits
+        self.interrupted = interrupted
+        self.by_reason = by_reason
+        self.kernel_counters = kernel_counters
+        self.insn_emulation = insn_emulation
+        self.seconds = seconds
+        self.seconds_in_run = seconds_in_run
+        self.seconds_in_c = seconds_in_c
+        self.seconds_in_python = seconds_in_python
+        self.histograms = {} if histograms is None else histograms
 
     @property
     def handled_in_c(self) -> int:
@@ -60,7 +78,11 @@ class ExitSplit:
         return sum(v["python"] for k, v in self.by_reason.items() if k not in NOT_GUEST_EXITS)
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        """The fields, then ``handled_in_c`` and ``handled_in_python``: fresh dicts and lists (as ``asdict``)."""
+        data = self.fields()
+        data["by_reason"] = {k: dict(v) for k, v in self.by_reason.items()}
+        data["kernel_counters"] = dict(self.kernel_counters)
+        data["histograms"] = {k: {name: list(b) for name, b in v.items()} for k, v in self.histograms.items()}
         data["handled_in_c"] = self.handled_in_c
         data["handled_in_python"] = self.handled_in_python
         return data
@@ -97,8 +119,7 @@ def compute_split(
 REGISTER_NAMES = tuple("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
 
 
-@dataclass(frozen=True)
-class RunResult:
+class RunResult(Value):
     """How a run ended and what the guest did.
 
     ``ended`` is one of: ``hlt``, ``debug-exit``, ``reset``, ``shutdown``
@@ -110,19 +131,26 @@ class RunResult:
     HLT or reset, None otherwise.
     """
 
-    ended: str
-    exit_status: int | None
-    serial: bytes
-    exits: dict[str, dict[str, int]]
-    seconds: float
-    seconds_in_run: float
-    seconds_in_c: float
-    seconds_in_python: float
-    regs: dict[str, int] = field(default_factory=dict)
-    message: str = ""
-    last_exit: object = None
-    c_hits: dict[str, int] = field(default_factory=dict)
-    split: ExitSplit | None = None
+    __slots__ = ("ended", "exit_status", "serial", "exits", "seconds", "seconds_in_run", "seconds_in_c",
+                 "seconds_in_python", "regs", "message", "last_exit", "c_hits", "split")
+
+    def __init__(self, ended: str, exit_status: int | None, serial: bytes, exits: dict[str, dict[str, int]],
+                 seconds: float, seconds_in_run: float, seconds_in_c: float, seconds_in_python: float,
+                 regs: dict[str, int] | None = None, message: str = "", last_exit: object = None,
+                 c_hits: dict[str, int] | None = None, split: ExitSplit | None = None) -> None:
+        self.ended = ended
+        self.exit_status = exit_status
+        self.serial = serial
+        self.exits = exits
+        self.seconds = seconds
+        self.seconds_in_run = seconds_in_run
+        self.seconds_in_c = seconds_in_c
+        self.seconds_in_python = seconds_in_python
+        self.regs = {} if regs is None else regs
+        self.message = message
+        self.last_exit = last_exit
+        self.c_hits = {} if c_hits is None else c_hits
+        self.split = split
 
     @property
     def serial_text(self) -> str:

@@ -34,7 +34,6 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pykvm import exits
 from pykvm._native_loader import lib
@@ -46,6 +45,7 @@ from pykvm.platform.cloop import (
     RET_PIO_OUT, RET_PORT_SHIFT, RET_SIZE_SHIFT, RET_TX_PENDING, CLoop,
 )
 from pykvm.platform.fastpath import FastPath, FastTable
+from pykvm.values import Value
 
 __all__ = ["VcpuLoop", "VcpuStop", "dispatch", "exit_stop"]
 
@@ -53,8 +53,7 @@ _IO_EXITS = (exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead)
 _BYTE = [bytes((i,)) for i in range(256)]  # one-byte OUT data without a to_bytes call
 
 
-@dataclass(frozen=True)
-class VcpuStop:
+class VcpuStop(Value):
     """Why a run of the vCPU loop ended.
 
     ``reason``: ``hlt``, ``debug-exit``, ``reset``, ``shutdown`` (triple
@@ -69,11 +68,15 @@ class VcpuStop:
     completed yet (the next run, or ``VcpuLoop.complete_pending``, does).
     """
 
-    reason: str
-    status: int | None = None
-    message: str = ""
-    exit: object = None
-    pending_io: bool = False
+    __slots__ = ("reason", "status", "message", "exit", "pending_io")
+
+    def __init__(self, reason: str, status: int | None = None, message: str = "", exit: object = None,
+                 pending_io: bool = False) -> None:
+        self.reason = reason
+        self.status = status
+        self.message = message
+        self.exit = exit
+        self.pending_io = pending_io
 
 
 def dispatch(exit: exits.Exit, pio: Bus, mmio: Bus) -> bytes | None:

@@ -17,19 +17,25 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 
-@dataclass(eq=False)
 class Watch:
-    """One armed run: how to kick it, when, and whether to flush output."""
+    """One armed run: how to kick it, when, and whether to flush output (compared and hashed by identity)."""
 
-    kick: Callable[[], None]
-    deadline: float | None
-    output_pending: Callable[[], bool] | None
-    interval: float
-    timed_out: threading.Event = field(default_factory=threading.Event)
-    next_flush: float = 0.0
+    __slots__ = ("kick", "deadline", "output_pending", "interval", "timed_out", "next_flush")
+
+    def __init__(self, kick: Callable[[], None], deadline: float | None, output_pending: Callable[[], bool] | None,
+                 interval: float, timed_out: threading.Event | None = None, next_flush: float = 0.0) -> None:
+        self.kick = kick
+        self.deadline = deadline
+        self.output_pending = output_pending
+        self.interval = interval
+        self.timed_out = threading.Event() if timed_out is None else timed_out
+        self.next_flush = next_flush
+
+    def __repr__(self) -> str:
+        return (f"Watch(kick={self.kick!r}, deadline={self.deadline!r}, output_pending={self.output_pending!r}, "
+                f"interval={self.interval!r}, timed_out={self.timed_out!r}, next_flush={self.next_flush!r})")
 
 
 class Watchdog:

@@ -74,11 +74,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from abc import ABC
 
 from pykvm._lazy import lazy_exports
 from pykvm.log import get_logger
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:  # annotations only: the queue module comes with the device types that use it
     from pykvm.virtio.queue import SplitVirtqueue
 
@@ -102,8 +103,8 @@ VIRTIO_F_VERSION_1 = 32  # the device follows virtio 1.x, not the legacy interfa
 RING_FEATURES: int = (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)
 
 
-class VirtioTransport(Protocol):
-    """What a device type needs from its transport (mmio here; PCI could be another)."""
+class VirtioTransport(ABC):
+    """What a device type needs from its transport (mmio here; PCI could be another); structural."""
 
     lock: threading.RLock
 
@@ -118,6 +119,12 @@ class VirtioTransport(Protocol):
     def config_changed(self) -> None:
         """The device's configuration space changed."""
         ...
+
+    @classmethod
+    def __subclasshook__(cls, other: type):
+        if cls is not VirtioTransport:
+            return NotImplemented
+        return all(callable(getattr(other, n, None)) for n in ("process_queue", "signal_used", "config_changed"))
 
 
 class VirtioDevice:

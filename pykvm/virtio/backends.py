@@ -46,8 +46,8 @@ import stat
 import sys
 import threading
 import time
+from abc import ABC
 from collections.abc import Callable
-from typing import Protocol
 
 from pykvm.log import get_logger
 
@@ -70,8 +70,8 @@ __all__ = [
 _READ_SIZE = 4096
 
 
-class ConsoleBackend(Protocol):
-    """What a console needs from its host side."""
+class ConsoleBackend(ABC):
+    """What a console needs from its host side (structural: any class with these three methods is one)."""
 
     def start(self, deliver: Deliver) -> None:
         """Begin calling ``deliver(data)`` with host input (from any thread)."""
@@ -84,6 +84,12 @@ class ConsoleBackend(Protocol):
     def close(self) -> None:
         """Release threads, files and sockets."""
         ...
+
+    @classmethod
+    def __subclasshook__(cls, other: type):
+        if cls is not ConsoleBackend:
+            return NotImplemented
+        return all(callable(getattr(other, name, None)) for name in ("start", "write", "close"))
 
 
 class MemoryBackend:

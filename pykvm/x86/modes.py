@@ -42,9 +42,9 @@ from __future__ import annotations
 import functools
 from array import array
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from pykvm.errors import ModeNotSupported, PageTableError
+from pykvm.values import Value
 
 from . import bits
 from .segments import USER_IO_PORTS, FlatGdt, Gdt, Segment, flat_gdt, real_mode_segment, tss32, tss64
@@ -53,8 +53,7 @@ from .state import MODES, check_mode, decode_cr0, decode_cr4, decode_efer, decod
 __all__ = ["MODES", "ModeNotSupported", "ModeSetup", "TablePlacement", "mode_registers", "setup_mode"]
 
 
-@dataclass(frozen=True)
-class TablePlacement:
+class TablePlacement(Value):
     """Where :func:`setup_mode` writes the structures it builds (guest-physical addresses).
 
     The GDT, the TSS (with its I/O bitmap in ``long_user``), an empty IDT,
@@ -65,14 +64,18 @@ class TablePlacement:
     (``pykvm.platform.cpu_tables``); this module only needs to be told.
     """
 
-    gdt: int
-    tss: int
-    idt: int
-    page_tables: int
-    page_tables_end: int
-    kernel_stack_top: int
-    stack_top: int
-    real_stack: int
+    __slots__ = ("gdt", "tss", "idt", "page_tables", "page_tables_end", "kernel_stack_top", "stack_top", "real_stack")
+
+    def __init__(self, gdt: int, tss: int, idt: int, page_tables: int, page_tables_end: int, kernel_stack_top: int,
+                 stack_top: int, real_stack: int) -> None:
+        self.gdt = gdt
+        self.tss = tss
+        self.idt = idt
+        self.page_tables = page_tables
+        self.page_tables_end = page_tables_end
+        self.kernel_stack_top = kernel_stack_top
+        self.stack_top = stack_top
+        self.real_stack = real_stack
 
     #: Bytes :meth:`window` needs: GDT, TSS, IDT, 64 KiB of tables, 16 KiB kernel stack, 64 KiB stack.
     WINDOW_SIZE = 0x27000
@@ -132,8 +135,7 @@ def mode_registers(mode: str) -> tuple[int, int, int]:
     return _CR0_PAGED, _CR4_SSE | bits.CR4_PAE, bits.EFER_LME | bits.EFER_LMA
 
 
-@dataclass(frozen=True)
-class ModeSetup:
+class ModeSetup(Value):
     """What :func:`setup_mode` did; ``print()`` it for a summary.
 
     Attributes:
@@ -152,25 +154,32 @@ class ModeSetup:
             fs, gs, ss, tr, ldt).
     """
 
-    mode: str
-    entry: int
-    stack: int
-    args: tuple[int, int]
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    rflags: int
-    rip: int
-    rsp: int
-    gdt: Gdt | None
-    gdt_base: int
-    gdt_limit: int
-    idt_base: int
-    idt_limit: int
-    tss_base: int | None
-    page_tables: tuple[int, int] | None
-    segments: Mapping[str, Segment] = field(default_factory=dict)
+    __slots__ = ("mode", "entry", "stack", "args", "cr0", "cr3", "cr4", "efer", "rflags", "rip", "rsp", "gdt",
+                 "gdt_base", "gdt_limit", "idt_base", "idt_limit", "tss_base", "page_tables", "segments")
+
+    def __init__(self, mode: str, entry: int, stack: int, args: tuple[int, int], cr0: int, cr3: int, cr4: int,
+                 efer: int, rflags: int, rip: int, rsp: int, gdt: Gdt | None, gdt_base: int, gdt_limit: int,
+                 idt_base: int, idt_limit: int, tss_base: int | None, page_tables: tuple[int, int] | None,
+                 segments: Mapping[str, Segment] | None = None) -> None:
+        self.mode = mode
+        self.entry = entry
+        self.stack = stack
+        self.args = args
+        self.cr0 = cr0
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.efer = efer
+        self.rflags = rflags
+        self.rip = rip
+        self.rsp = rsp
+        self.gdt = gdt
+        self.gdt_base = gdt_base
+        self.gdt_limit = gdt_limit
+        self.idt_base = idt_base
+        self.idt_limit = idt_limit
+        self.tss_base = tss_base
+        self.page_tables = page_tables
+        self.segments = {} if segments is None else segments
 
     def __str__(self) -> str:
         long_mode = bool(self.efer & bits.EFER_LMA)

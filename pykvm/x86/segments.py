@@ -24,10 +24,10 @@ Descriptors").
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from pykvm.values import Value
 
 from . import bits
 from .state import check_mode, describe_segment_type, format_table
@@ -56,11 +56,8 @@ KVM_SEGMENT_FIELDS = (
     "db", "s", "l", "g", "avl", "unusable",
 )
 
-_BOOL_FIELDS = ("present", "db", "s", "l", "g", "avl", "unusable")
 
-
-@dataclass(frozen=True)
-class Segment:
+class Segment(Value):
     """One segment register as KVM sees it (``struct kvm_segment``).
 
     Attributes:
@@ -81,22 +78,23 @@ class Segment:
             not stored in a descriptor (decoding sets it to ``not present``).
     """
 
-    base: int = 0
-    limit: int = 0
-    selector: int = 0
-    type: int = 0
-    present: bool = False
-    dpl: int = 0
-    db: bool = False
-    s: bool = False
-    l: bool = False  # noqa: E741 - the name of the KVM field
-    g: bool = False
-    avl: bool = False
-    unusable: bool = False
+    __slots__ = KVM_SEGMENT_FIELDS
 
-    def __post_init__(self) -> None:
-        for name in _BOOL_FIELDS:
-            object.__setattr__(self, name, bool(getattr(self, name)))
+    def __init__(self, base: int = 0, limit: int = 0, selector: int = 0, type: int = 0, present: bool = False,
+                 dpl: int = 0, db: bool = False, s: bool = False, l: bool = False,  # noqa: E741 - KVM's name
+                 g: bool = False, avl: bool = False, unusable: bool = False) -> None:
+        self.base = base
+        self.limit = limit
+        self.selector = selector
+        self.type = type
+        self.present = bool(present)
+        self.dpl = dpl
+        self.db = bool(db)
+        self.s = bool(s)
+        self.l = bool(l)
+        self.g = bool(g)
+        self.avl = bool(avl)
+        self.unusable = bool(unusable)
         _check_range("base", self.base, 64)
         _check_range("limit", self.limit, 32)
         _check_range("selector", self.selector, 16)
@@ -212,14 +210,14 @@ class Segment:
         """
         if self.s:
             raise ValueError("only system segments (S=0) have 16-byte descriptors")
-        low = dataclasses.replace(self, base=self.base & 0xFFFFFFFF).descriptor_value()
+        low = self.replace(base=self.base & 0xFFFFFFFF).descriptor_value()
         return struct.pack("<QQ", low, self.base >> 32)
 
     # --- helpers ------------------------------------------------------------
 
     def with_selector(self, selector: int) -> Segment:
         """A copy of this segment with another selector."""
-        return dataclasses.replace(self, selector=selector)
+        return self.replace(selector=selector)
 
     @property
     def is_code(self) -> bool:
@@ -234,7 +232,7 @@ class Segment:
     @property
     def is_null(self) -> bool:
         """True if the descriptor would be all zeros (``unusable`` aside)."""
-        return dataclasses.replace(self, selector=0, unusable=False) == Segment()
+        return self.replace(selector=0, unusable=False) == Segment()
 
     def describe(self, long_mode: bool = False) -> str:
         """The type in words, e.g. ``"code 64-bit DPL3 RX"``, or ``"null"``.
@@ -529,21 +527,23 @@ def _tss_segment(base: int, size: int) -> Segment:
     return Segment(base=base, limit=size - 1, type=bits.SYS_TYPE_TSS_BUSY, present=True)
 
 
-@dataclass(frozen=True)
-class FlatGdt:
+class FlatGdt(Value):
     """The GDT of a mode and the segment registers to load from it.
 
     ``cs``, ``ds``, ``ss`` and ``tr`` carry their selectors; ``ds`` is also
     what ES, FS and GS get.  ``ldt`` is the LDTR value.
     """
 
-    mode: str
-    gdt: Gdt
-    cs: Segment
-    ds: Segment
-    ss: Segment
-    tr: Segment
-    ldt: Segment
+    __slots__ = ("mode", "gdt", "cs", "ds", "ss", "tr", "ldt")
+
+    def __init__(self, mode: str, gdt: Gdt, cs: Segment, ds: Segment, ss: Segment, tr: Segment, ldt: Segment) -> None:
+        self.mode = mode
+        self.gdt = gdt
+        self.cs = cs
+        self.ds = ds
+        self.ss = ss
+        self.tr = tr
+        self.ldt = ldt
 
     def __str__(self) -> str:
         rows = [
