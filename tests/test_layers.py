@@ -18,7 +18,7 @@ ROOT = pathlib.Path(pykvm.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     ("pykvm._lazy", "pykvm.log", "pykvm.timeline", "pykvm.values"),  # start-up plumbing: lazy names, loggers,
                                                                        # phase marks, value classes
-    ("pykvm.errors", "pykvm.host", "pykvm.ratelimit", "pykvm.platform.layout"),
+    ("pykvm.errors", "pykvm.host", "pykvm.stop_signals", "pykvm.ratelimit", "pykvm.platform.layout"),
     ("pykvm._native", "pykvm.fdowner"),  # the compiled extension (csrc/ through cffi)
     ("pykvm._native_loader",),
     ("pykvm.exits", "pykvm.stats"),     # the raw layer, bottom up: exit values and the stats fd,

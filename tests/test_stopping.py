@@ -109,3 +109,47 @@ def test_request_stop_from_another_thread_pauses_and_the_guest_goes_on():
         assert runner.result.ended == "paused"
         result = m.run(timeout=BOUND)  # continue where it stopped
         assert result.ended == "reset" and result.regs["rax"] == 216816  # primes below 3,000,000
+
+
+@pytest.mark.kvm
+def test_a_stop_signal_pending_at_kvm_run_ends_the_run_at_once():
+    """Regression: a Ctrl-C that came between the loop's last look and KVM_RUN waited for the guest's next exit.
+
+    The soak's random stops found it: SIGINT to the main thread while a
+    spinning CPL-3 guest (no exits) was about to enter KVM_RUN; the run went
+    on until its 30 s timeout.  Here the signal is made pending before the
+    run starts (blocked on this thread, then raised), the state it is in
+    when it lands just before KVM_RUN: the run must end by it, not by the
+    timeout.
+    """
+    import signal
+
+    seen = []
+    with Machine(memory="16M") as m:
+        m.load_guest("spin64u")
+
+        def on_sigint(signo, frame):
+            seen.append(signo)
+            m.request_stop("interrupted")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            signal.raise_signal(signal.SIGINT)  # pending on this thread
+            result = m.run(timeout=20)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, previous)
+    assert result.ended == "interrupted", result.summary()
+    assert seen == [signal.SIGINT]
+
+
+@pytest.mark.kvm
+def test_a_run_leaves_the_threads_signal_mask_as_it_found_it():
+    import signal
+
+    with Machine(memory="16M") as m:
+        m.load_guest("hello64")
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        assert m.run(timeout=20).ended == "hlt"
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before

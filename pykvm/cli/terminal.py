@@ -25,6 +25,8 @@ import select
 import threading
 from collections.abc import Callable
 
+from pykvm.stop_signals import block_stop_signals
+
 _READ_SIZE = 4096
 
 
@@ -92,6 +94,7 @@ class Terminal:
         """Read stdin on a thread; ``handle(data)`` for each chunk, ``on_eof()`` at the end."""
 
         def read() -> None:
+            block_stop_signals()  # Ctrl-C is for the thread running the guest (or the main thread)
             while not self._stopping:
                 ready, _, _ = select.select([self.stdin, self._wake_r], [], [])
                 if self._wake_r in ready or self._stopping:

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pykvm.log import get_logger
+from pykvm.stop_signals import block_stop_signals
 
 log = get_logger("pykvm.iothread")
 
@@ -123,6 +124,7 @@ class IoThread:
 
     # -- the thread --------------------------------------------------------------
     def _run(self) -> None:
+        block_stop_signals()  # Ctrl-C is for the vCPU thread
         generation = -1
         poller = select.poll()
         handlers: dict[int, Callable[[], None]] = {}

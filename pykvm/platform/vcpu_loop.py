@@ -31,6 +31,7 @@ it looks at the stop flags, so a request that arrives after the look sets
 from __future__ import annotations
 
 import functools
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from pykvm.platform.cloop import (
     RET_PIO_OUT, RET_PORT_SHIFT, RET_SIZE_SHIFT, RET_TX_PENDING, CLoop,
 )
 from pykvm.platform.fastpath import FastPath, FastTable
+from pykvm.stop_signals import STOP_SIGNALS
 from pykvm.values import Value
 
 __all__ = ["VcpuLoop", "VcpuStop", "dispatch", "exit_stop"]
@@ -146,6 +148,7 @@ class VcpuLoop:
         self._attention = True  # the one flag the hot path checks per exit
         self._posted: deque[Callable[[], None]] = deque()
         self._stop_request: str | None = None
+        self._run_mask: set | None = None  # the KVM_SET_SIGNAL_MASK last given to the vCPU
         self._watch = None
         self._observing = False
         fastpath.on_change(self._table_changed)
@@ -223,6 +226,7 @@ class VcpuLoop:
         guest does raises.
         """
         with self.vcpu.running():
+            saved_mask = self._block_stop_signals()
             self._watch = watch
             if observe is not None:
                 self._observing = True
@@ -240,6 +244,29 @@ class VcpuLoop:
                     self.table.generation = -1
                     self._attention = True  # the next run installs the rows again
                 self.finish()
+                signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)  # a stop signal held back arrives now
+
+    def _block_stop_signals(self) -> set:
+        """Block the stop signals on this thread for the run; KVM unblocks them inside KVM_RUN on the main thread.
+
+        Python runs signal handlers on the main thread, between bytecodes: a
+        Ctrl-C that came after the loop's last look and before KVM_RUN would
+        wait for the guest's next exit (forever, for a guest that computes).
+        Blocked here and unblocked by KVM inside KVM_RUN, it makes KVM_RUN
+        return EINTR at once.  Another thread's run keeps them blocked even
+        in KVM_RUN: the main thread takes them.  Returns the previous mask.
+        """
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        in_run = (saved - STOP_SIGNALS) if threading.current_thread() is threading.main_thread() \
+            else (saved | STOP_SIGNALS)
+        if in_run != self._run_mask:
+            try:
+                self.vcpu.set_signal_mask(in_run)
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+                raise
+            self._run_mask = in_run
+        return saved
 
     def finish(self) -> None:
         """After a run: hand back everything C holds (hits, transmit bytes, coalesced writes)."""
@@ -272,9 +299,14 @@ class VcpuLoop:
             self.table.install()
 
     def _interrupted(self) -> VcpuStop | None:
-        """KVM_RUN returned EINTR: a kick.  Clear immediate_exit first, then see why."""
+        """KVM_RUN returned EINTR: a kick or a stop signal.  Clear immediate_exit first, then see why."""
         run = self.vcpu.kvm_run
         run.immediate_exit = 0
+        if STOP_SIGNALS & signal.sigpending():
+            # KVM_RUN returned for it, but out here it is blocked again, so still pending: let it in for a
+            # moment, and Python's handler runs before the next line (KeyboardInterrupt, or a stop request)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if self.vcpu.closing:
             return VcpuStop("closed", None, "the vCPU was closed during the run")
         watch = self._watch

@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from pykvm.stop_signals import block_stop_signals
+
 
 class Watch:
     """One armed run: how to kick it, when, and whether to flush output (compared and hashed by identity)."""
@@ -76,6 +78,7 @@ class Watchdog:
             self._watches.discard(watch)
 
     def _serve(self) -> None:
+        block_stop_signals()  # Ctrl-C is for the vCPU thread
         with self._cond:
             while True:
                 if not self._watches:

@@ -30,6 +30,7 @@ from pykvm.ratelimit import GuestLog
 from pykvm.state.gdb_protocol import PacketChannel
 from pykvm.state.gdb_session import Session
 from pykvm.state.gdb_target import GdbTarget
+from pykvm.stop_signals import block_stop_signals
 
 logger = get_logger(__name__)
 
@@ -172,6 +173,7 @@ class GdbServer:
         return listener
 
     def _serve(self) -> None:
+        block_stop_signals()  # Ctrl-C is for the vCPU thread
         try:
             while True:
                 client = self._accept()

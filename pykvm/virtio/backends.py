@@ -50,6 +50,7 @@ from abc import ABC
 from collections.abc import Callable
 
 from pykvm.log import get_logger
+from pykvm.stop_signals import block_stop_signals
 
 log = get_logger("pykvm.virtio.backends")
 
@@ -185,6 +186,7 @@ class _ThreadedBackend:
             pass  # the pipe is full (a wake-up is pending anyway) or closed
 
     def _run(self) -> None:
+        block_stop_signals()  # Ctrl-C is for the vCPU thread
         while not self._stopping:
             self._before_select()
             for key, events in self._selector.select():
