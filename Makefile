@@ -1,8 +1,10 @@
 # pykvm developer targets.
 #
 #   make            build the C extension in place and the guests
-#   make install    pip-install pykvm (editable, with test extras) and build; into .venv when no
-#                   venv is active and the Python is externally managed (PEP 668: Debian, Ubuntu)
+#   make install    pip-install pykvm (editable, with the test and bench extras) and build; into .venv when no
+#                   venv is active and the Python is externally managed (PEP 668: Debian, Ubuntu).
+#                   Editable in setuptools' compat mode: a path entry, not an import hook that
+#                   every Python start (and so every pykvm run) would load
 #   make run        boot the hello64 guest
 #   make test       the test suite (pytest)
 #   make bench      the benchmarks (quick: make bench BENCH_ARGS=--quick)
@@ -35,7 +37,7 @@ install:
 	    $$py -m venv .venv || { echo "make install: $$py -m venv failed: install python3-venv" >&2; exit 1; }; \
 	    py=.venv/bin/python; \
 	fi; \
-	$$py -m pip install --quiet -e '.[test]' && \
+	$$py -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat && \
 	$(MAKE) --no-print-directory all PYTHON=$$py
 
 run:
