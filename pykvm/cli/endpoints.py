@@ -25,7 +25,7 @@ from pykvm.values import Value
 
 
 class Endpoint(Value):
-    """An opened character device: ``kind`` is ``stdio``, ``mux``, ``backend`` or ``none``."""
+    """An opened character device: ``kind`` is ``stdio``, ``mux``, ``backend``, ``null`` or ``none``."""
 
     __slots__ = ("kind", "backend", "announce")
     __hash__ = None  # mutable, as the dataclass was: not hashable
@@ -76,9 +76,7 @@ def open_endpoint(spec: str, chardevs: dict[str, tuple[str, dict[str, str]]], *,
     if spec == "mon:stdio":
         return Endpoint("mux")
     if spec == "null":
-        from pykvm.virtio.backends import NullBackend
-
-        return Endpoint("backend", NullBackend())
+        return Endpoint("null")  # the device is there; what it sends goes nowhere (no backend needed)
     if spec == "none":
         return Endpoint("none")
     if spec == "pty":

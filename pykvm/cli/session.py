@@ -201,6 +201,9 @@ class Session:
         for n, endpoint in enumerate(self.extra_serials, start=2):
             if endpoint.kind == "none":
                 continue
+            if endpoint.kind == "null":
+                m.add_uart(n, None)
+                continue
             uart = m.add_uart(n, endpoint.backend.write)
             endpoint.backend.start(lambda data, uart=uart: m.feed_serial(data, uart))
 
@@ -260,7 +263,7 @@ class Session:
                 m.add_virtio_console(TerminalBackend(self), notify="ioeventfd", interrupt="irqfd"
                                      if m.irqchip else "irq_line")
             else:
-                m.add_virtio_console(endpoint.backend)
+                m.add_virtio_console(endpoint.backend)  # None for null: output dropped, no input
                 endpoint.backend = None  # the machine closes the console and its backend
 
     @staticmethod
