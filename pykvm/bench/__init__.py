@@ -1,4 +1,4 @@
-"""pykvm's benchmarks: exit latency, VM lifecycle and memory, against the limits.
+"""pykvm's benchmarks: exit latency, VM lifecycle, memory, start-up and I/O models, against the limits.
 
 ``pykvm bench`` (and ``make bench``, ``python benchmarks/run_all.py``) calls
 :func:`main`.  Every figure is compared with a reference measured in the
@@ -13,7 +13,8 @@ Output: Markdown tables on stdout, JSON (``--out``, default
 for CI; the full run takes a few minutes.
 
 Modules: :mod:`.exit_latency`, :mod:`.lifecycle`, :mod:`.memory`,
-:mod:`.qemu`, :mod:`.raw` (build and drive ``rawbench.c``), :mod:`.report`.
+:mod:`.startup`, :mod:`.io_models`, :mod:`.qemu`, :mod:`.raw` (build and
+drive ``rawbench.c``), :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["SECTIONS", "default_out_dir", "main"]
 
-SECTIONS = ("exits", "lifecycle", "memory", "io_models")
+SECTIONS = ("exits", "lifecycle", "memory", "startup", "io_models")
 DEFAULT_SECTIONS = SECTIONS
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sections or status:
             return status
 
-    from pykvm.bench import exit_latency, lifecycle, memory, report
+    from pykvm.bench import exit_latency, lifecycle, memory, report, startup
     from pykvm.bench.common import BenchError, host_info, pykvm_info
     from pykvm.bench.raw import build
 
@@ -128,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         life_cfg.reps = max(args.reps, life_cfg.reps)
     exit_cfg.qemu = not args.no_qemu
     mem_reps = 1 if args.quick else 3
+    start_cfg = startup.Config.quick_config() if args.quick else startup.Config()
+    if args.reps:
+        start_cfg.reps = args.reps
 
     units = 0
     units += exit_latency.plan_units(exit_cfg) if "exits" in sections else 0
     units += lifecycle.plan_units(life_cfg) if "lifecycle" in sections else 0
     units += memory.plan_units(mem_reps) if "memory" in sections else 0
+    units += startup.plan_units(start_cfg) if "startup" in sections else 0
     progress = report.Progress(units, enabled=not args.no_progress)
 
     started = time.monotonic()
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             ("exits", lambda: ("exit_latency", exit_latency.measure(exit_cfg, progress))),
             ("lifecycle", lambda: ("lifecycle", lifecycle.measure(life_cfg, progress))),
             ("memory", lambda: ("memory", memory.measure(mem_reps, progress))),
+            ("startup", lambda: ("startup", startup.measure(start_cfg, progress))),
         ):
             if section not in sections:
                 continue
@@ -183,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         if png is None:
             print("chart: skipped (matplotlib is not installed: pip install 'pykvm[bench]')", file=sys.stderr)
         else:
+            print(f"chart: {png}", file=sys.stderr)
+    if not args.no_chart and "startup" in results:
+        png = report.startup_chart(results, out_dir / f"{stem}-startup.png")
+        if png is not None:
             print(f"chart: {png}", file=sys.stderr)
     for section, error in results["errors"].items():
         print(f"pykvm bench: {section} failed: {error}", file=sys.stderr)

@@ -77,7 +77,7 @@ def targets(results: dict) -> list[dict]:
     if "exit_latency" in results:
         guests = [g["name"] for g in results["exit_latency"]["guests"]]
         for guest in guests:
-            for path, limit, what in (("c_loop", 1.05, "C loop"), ("machine", 1.3, "Machine + Python handler")):
+            for path, limit, what in (("c_loop", 1.05, "C loop"), ("machine", 1.15, "Machine + Python handler")):
                 row = _row(results, guest, "pio_out", path)
                 ok = row is not None and row["status"] == "ok"
                 add(f"PIO out, {what} / raw C, {guest}", row.get("ratio") if ok else None, limit,
@@ -93,10 +93,17 @@ def targets(results: dict) -> list[dict]:
             add("PIO out, Machine + Python handler / QEMU, bench32", None, 1.0, "QEMU not measured")
     if "lifecycle" in results and "2M" in results["lifecycle"]["sizes"]:
         total = results["lifecycle"]["sizes"]["2M"]["total"]
-        add("lifecycle total at 2 MiB, pykvm raw layer / raw C", total["ratio"], 1.5,
+        add("lifecycle total at 2 MiB, pykvm raw layer / raw C", total["ratio"], 1.2,
             f"{total['pykvm_ms']:.2f} ms vs {total['raw_c_ms']:.2f} ms")
-        add("lifecycle total at 2 MiB, pykvm Machine / raw C", total["machine_ratio"], 1.5,
+        add("lifecycle total at 2 MiB, pykvm Machine / raw C", total["machine_ratio"], 1.3,
             f"{total['machine_ms']:.2f} ms vs {total['raw_c_ms']:.2f} ms")
+        rates = {(r["impl"], r["workers"]): r["vms_per_second"] for r in results["lifecycle"].get("rates", [])}
+        for workers in sorted({w for _, w in rates}):
+            machine, raw = rates.get(("pykvm", workers)), rates.get(("raw_c", workers))
+            if machine and raw:
+                # a rate: higher is better, so the limit is on raw C / pykvm
+                add(f"VMs per second with {workers} worker(s), raw C / pykvm Machine", raw / machine, 1 / 0.75,
+                    f"{machine:.0f} vs {raw:.0f} VMs/s")
     if "memory" in results:
         mem = results["memory"]
         ratio = mem.get("ratio_hello64_to_qemu")
@@ -106,6 +113,17 @@ def targets(results: dict) -> list[dict]:
             detail = (f"{progs['pykvm_hello64']['peak_rss_kib'] / 1024:.1f} MiB vs "
                       f"{progs['qemu_bench32']['peak_rss_kib'] / 1024:.1f} MiB")
         add("peak RSS running hello64, pykvm / QEMU", ratio, 0.5, detail or "QEMU not measured")
+    if "startup" in results:
+        progs = results["startup"]["programs"]
+        for name, what in (("pykvm_bench32", "pykvm run -kernel bench32"), ("pykvm_hello64", "pykvm run --guest hello64")):
+            p, here = progs[name], progs[f"{name}_here"]
+            if "ratio" in p:
+                add(f"whole process, {what} (venv) / QEMU microvm", p["ratio"], 1.0,
+                    f"{p['median_ms']:.1f} ms vs {progs['qemu']['median_ms']:.1f} ms; from this interpreter, with "
+                    f"its site hooks ({results['startup']['site_here_ms']:.1f} ms): {here['ratio']:.2f}×",
+                    best=p["fastest_ratio"])
+            else:
+                add(f"whole process, {what} (venv) / QEMU microvm", None, 1.0, "QEMU not measured")
     return out
 
 
@@ -137,6 +155,8 @@ def markdown(results: dict) -> str:
         parts += _lifecycle_tables(results["lifecycle"])
     if "memory" in results:
         parts += _memory_table(results["memory"])
+    if "startup" in results:
+        parts += _startup_tables(results["startup"])
     if results.get("targets"):
         parts += ["## Targets", "",
                   ("measured: from the medians (the tables above); fastest runs: the same from each path's fastest "
@@ -245,6 +265,36 @@ def _memory_table(section: dict) -> list[str]:
     return lines
 
 
+def _startup_tables(section: dict) -> list[str]:
+    from pykvm.bench.startup import PHASE_TITLES, PHASES, PYKVM_PROGRAMS
+
+    progs = section["programs"]
+    qemu = progs.get("qemu")
+    lines = ["## Start-up: the whole process", "",
+             (f"Spawn to exit, ms (median and fastest of {section['reps']} runs, programs interleaved); "
+              f"QEMU: `{section['qemu_command']}`; pykvm runs the same command line."), "",
+             "| program | median ms | fastest ms | / QEMU |", "|---|---:|---:|---:|"]
+    for p in progs.values():
+        ratio = f"{p['median_ms'] / qemu['median_ms']:.2f}×" if qemu else "n/a"
+        lines.append(f"| {p['title']} | {p['median_ms']:.1f} | {p['fastest_ms']:.1f} | {ratio} |")
+    if not qemu:
+        lines += ["", f"QEMU not measured: {section['qemu'].get('reason')}"]
+    heads = [PHASE_TITLES[k] for k in PHASES] + ["reaped"]
+    lines += ["", "Where pykvm's time goes (ms, medians of each phase; each phase ends at its mark, "
+              "`pykvm.timeline`):", "", "| program | " + " | ".join(heads) + " |",
+              "|---|" + "---:|" * len(heads)]
+    for name in PYKVM_PROGRAMS:
+        phases = progs[name]["phases_ms"]
+        lines.append(f"| {progs[name]['title']} | " + " | ".join(f"{phases.get(k, 0):.1f}"
+                                                           for k in (*PHASES, "reaped")) + " |")
+    imp = section["imports"]
+    lines += ["", (f"Imports in one `-X importtime` run of the bench32 command (venv): {imp['total_ms']:.1f} ms over "
+                   f"{imp['modules']} modules, of which pykvm's own {imp['pykvm_ms']:.1f} ms ({imp['pykvm_modules']} "
+                   f"modules). `site` (python -c pass minus python -S -c pass): venv {section['site_ms']:.1f} ms, "
+                   f"this interpreter {section['site_here_ms']:.1f} ms (its .pth hooks)."), ""]
+    return lines
+
+
 # ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------
@@ -304,6 +354,49 @@ def chart(results: dict, png: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=len(PATHS))
     fig.suptitle("pykvm exit latency (empty loop subtracted; lower is better)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def startup_chart(results: dict, png: Path) -> Path | None:
+    """A PNG of the whole-process times: pykvm's phases stacked, QEMU and the bare interpreter beside them."""
+    section = results.get("startup")
+    if not section:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from pykvm.bench.startup import PHASE_TITLES, PHASES, PYKVM_PROGRAMS
+
+    progs = section["programs"]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    names = [n for n in ("qemu", *PYKVM_PROGRAMS, "python", "python_here", "python_nosite") if n in progs]
+    colors = plt.get_cmap("tab10").colors
+    for y, name in enumerate(names):
+        p = progs[name]
+        if "phases_ms" not in p:
+            ax.barh(y, p["median_ms"], color="#9467bd" if name == "qemu" else "#999999")
+            continue
+        left = 0.0
+        for i, phase in enumerate((*PHASES, "reaped")):
+            width = p["phases_ms"].get(phase, 0.0)
+            label = (PHASE_TITLES.get(phase, "reaped") if y == names.index(PYKVM_PROGRAMS[0]) else None)
+            ax.barh(y, width, left=left, color=colors[i % len(colors)], label=label)
+            left += width
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([progs[n]["title"] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms, spawn to exit (median)")
+    ax.set_title("Start-up: pykvm run against QEMU microvm on the same kernel (lower is better)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
