@@ -39,6 +39,7 @@ from pykvm.platform.cpu_tables import place_tables
 from pykvm.platform.fastpath import FastPath
 from pykvm.platform.pc import SerialCapture, add_pc_devices
 from pykvm.platform.results import REGISTER_NAMES, RunAccounting, RunResult
+from pykvm.platform.smp import run_vcpus
 from pykvm.platform.vcpu_loop import VcpuLoop, VcpuStop
 from pykvm.platform.watchdog import shared_watchdog
 from pykvm.system import Kvm
@@ -46,16 +47,28 @@ from pykvm.system import Kvm
 __all__ = ["Machine", "RunResult", "check_timeout"]
 
 MIN_MEMORY = 2 << 20
+MAX_CPUS = 255  # xAPIC IDs 0-254 (255 is the broadcast ID)
 MAX_MEMORY = 64 << 30
 
 _cpuid_cache: dict[str, object] = {}
 
 
-def _supported_cpuid(kvm: Kvm):
-    """KVM_GET_SUPPORTED_CPUID, asked once per process and device: the answer never changes."""
-    if kvm.path not in _cpuid_cache:
-        _cpuid_cache[kvm.path] = kvm.supported_cpuid()
-    return _cpuid_cache[kvm.path]
+def _vcpu_cpuid(kvm: Kvm, apic_id: int, threads: int, cores: int, edits: tuple):
+    """The ``struct kvm_cpuid2`` of one vCPU (``pykvm.platform.cpuid``), made once per process and shape.
+
+    KVM_GET_SUPPORTED_CPUID's answer never changes, so neither does a table
+    made from it: a machine's vCPUs cost one KVM_SET_CPUID2 each.
+    """
+    key = (kvm.path, apic_id, threads, cores, edits)
+    if key not in _cpuid_cache:
+        from pykvm.platform import cpuid
+
+        supported = _cpuid_cache.get(kvm.path)
+        if supported is None:
+            supported = _cpuid_cache[kvm.path] = cpuid.from_kvm(kvm.supported_cpuid())
+        table = cpuid.vcpu_table(supported, apic_id=apic_id, threads=threads, cores=cores, edits=edits)
+        _cpuid_cache[key] = cpuid.to_kvm(table)
+    return _cpuid_cache[key]
 
 
 def _round_up(size: int, page: int = layout.PAGE_SIZE) -> int:
@@ -74,7 +87,7 @@ def check_timeout(timeout: float | None) -> float | None:
 
 
 class Machine:
-    """One VM with one vCPU, its memory, buses and devices.
+    """One VM: its vCPUs, memory, buses and devices.
 
     ``memory``: RAM size (``"64M"``, ``"1G"`` or bytes), mapped from
     guest-physical 0 (split around the MMIO hole above 3 GiB).
@@ -86,7 +99,11 @@ class Machine:
     (the result keeps them too).  ``kernel_stats``: read KVM's binary stats
     (KVM_GET_STATS_FD) so that ``RunResult.split`` counts the exits handled
     in the kernel; False saves setting them up (``pykvm run`` without
-    ``--stats``).
+    ``--stats``).  ``cpus``: how many vCPUs (more than one needs the
+    irqchip: the application processors wait for the guest's INIT-SIPI in
+    the in-kernel LAPIC; ``pykvm.platform.smp``), with ``threads`` per core
+    and ``cores`` per package for their CPUID topology; ``cpu_features``:
+    ``-cpu``'s ``(name, on)`` edits (``pykvm.platform.cpuid``).
     """
 
     def __init__(
@@ -98,6 +115,10 @@ class Machine:
         irqchip: bool = False,
         serial: Callable[[bytes], None] | None = None,
         kernel_stats: bool = True,
+        cpus: int = 1,
+        threads: int = 1,
+        cores: int | None = None,
+        cpu_features: Sequence[tuple[str, bool]] = (),
         kvm: Kvm | None = None,
     ) -> None:
         self.memory_size = parse_size(memory)
@@ -105,9 +126,17 @@ class Machine:
             raise ValueError("memory must be at least 2M (pykvm keeps its tables below 1 MiB)")
         if self.memory_size > MAX_MEMORY:
             raise ValueError("memory larger than 64G is not supported")
+        if not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
+            raise ValueError(f"cpus must be 1 to {MAX_CPUS}, not {cpus!r}")
+        if cpus > 1 and not irqchip:
+            raise ValueError("more than one vCPU needs the in-kernel irqchip (irqchip=True): the APs are "
+                             "started by INIT-SIPI through its LAPIC")
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
+        self.vcpus: list = []
+        self.loops: list[VcpuLoop] = []
+        self.stats_fds: list = []
         self.virtio = None  # pykvm.platform.virtio_wiring.VirtioWiring, made by the first add_virtio
         self.irqchip = irqchip
         self.pio = Bus("pio", strict=strict)
@@ -127,13 +156,20 @@ class Machine:
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
             self.coalesced = CoalescedZones(self.vm, self.pio, self.mmio, self.fastpath)
-            self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(_supported_cpuid(self.kvm))
-            self.loop = VcpuLoop(self.vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
-                                 describe_cpu=self.describe_cpu)
-            self.loop.c_loop = c_loop
-            if kernel_stats and self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD):
-                self.vcpu_stats = self.vcpu.stats_fd()  # kernel-mode exit counts for the split
+            stats = kernel_stats and self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD)
+            cores = cores or max(cpus // threads, 1)
+            for index in range(cpus):
+                vcpu = self.vm.create_vcpu(index)
+                self.vcpus.append(vcpu)
+                vcpu.set_cpuid2(_vcpu_cpuid(self.kvm, index, threads, cores, tuple(cpu_features)))
+                loop = VcpuLoop(vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
+                                describe_cpu=lambda index=index: self.describe_cpu(index))
+                loop.c_loop = c_loop
+                self.loops.append(loop)
+                if stats:
+                    self.stats_fds.append(vcpu.stats_fd())  # kernel-mode exit counts for the split
+            self.vcpu, self.loop = self.vcpus[0], self.loops[0]  # the boot processor
+            self.vcpu_stats = self.stats_fds[0] if self.stats_fds else None
             capture = SerialCapture(serial, on_error=self._output_failed)
             self.pc = add_pc_devices(self.add_device, self.irq_line, capture)
         except BaseException:
@@ -180,12 +216,12 @@ class Machine:
             if self._closed:
                 return
             self._closed = True
-        if self.vcpu is not None:
-            self.vcpu.close()
+        for vcpu in self.vcpus:
+            vcpu.close()
         if self.virtio is not None:
             self.virtio.close()
-        if self.vcpu_stats is not None:
-            self.vcpu_stats.close()
+        for stats_fd in self.stats_fds:
+            stats_fd.close()
         if self.memory is not None:
             self.memory.close()
         if self.vm is not None:
@@ -414,15 +450,18 @@ class Machine:
         The monitor's ``stop`` uses it; ``run()`` again continues the guest
         where it stopped.  Asked between runs, the next run returns at once.
         """
-        self.loop.request_stop(reason)
+        for loop in self.loops:
+            loop.request_stop(reason)
 
     def cancel_stop(self) -> None:
         """Forget a ``request_stop()`` that came after the run had already ended for another reason."""
-        self.loop.cancel_stop()
+        for loop in self.loops:
+            loop.cancel_stop()
 
     def kick(self) -> None:
-        """Make the vCPU leave KVM_RUN now (it goes back in unless a stop is due)."""
-        self.loop.kick()
+        """Make every vCPU leave KVM_RUN now (each goes back in unless a stop is due)."""
+        for loop in self.loops:
+            loop.kick()
 
     def run(self, timeout: float | None = None, *, flush_interval: float = 0.05) -> RunResult:
         """Run the guest until it stops, fails, times out or Ctrl-C; return a ``RunResult``.
@@ -436,22 +475,34 @@ class Machine:
         host errors (KvmError) propagate.
         """
         timeout = check_timeout(timeout)
+        if self._closed:
+            raise ValueError("the machine is closed: it cannot run again")
         self._sync_extra_rows()
-        with self.vcpu.running():
-            accounting = RunAccounting([self.loop], [self.vcpu_stats])
-            deadline = None if timeout is None else accounting.started + timeout
-            state = self.loop.cloop.state
+        accounting = RunAccounting(self.loops, self.stats_fds)
+        deadline = None if timeout is None else accounting.started + timeout
+        watchdog = shared_watchdog()
+
+        def run_one(index: int) -> VcpuStop:
+            loop = self.loops[index]
+            state = loop.cloop.state
             pending = (lambda: bool(state.txlen)) if self.pc.capture.sink is not None else None
-            watchdog = shared_watchdog()
-            watch = watchdog.arm(self.loop.kick, deadline, pending, flush_interval)
-            try:
-                stop = self.loop.run(watch=watch)
-            except KeyboardInterrupt:
-                stop = VcpuStop("interrupted", None, "stopped by Ctrl-C")
-                self.loop.finish()
-            finally:
-                watchdog.disarm(watch)
-            return self._result(accounting, stop)
+            with loop.vcpu.running():
+                watch = watchdog.arm(loop.kick, deadline, pending, flush_interval)
+                try:
+                    return loop.run(watch=watch)
+                except KeyboardInterrupt:
+                    loop.finish()
+                    return VcpuStop("interrupted", None, "stopped by Ctrl-C")
+                finally:
+                    watchdog.disarm(watch)
+
+        if len(self.loops) == 1:
+            index, stop = 0, run_one(0)
+        else:
+            index, stop = run_vcpus(self.loops, run_one)
+            if index and stop.message:
+                stop = stop.replace(message=f"vCPU {index}: {stop.message}")
+        return self._result(accounting, stop)
 
     def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:
         ended, status, message = stop.reason, stop.status, stop.message
@@ -475,11 +526,11 @@ class Machine:
             regs = {name: getattr(values, name) for name in REGISTER_NAMES}
         return accounting.result(ended, status, message, stop.exit, bytes(capture.data), regs)
 
-    def describe_cpu(self) -> str:
-        """Register dump and the instruction bytes at RIP (for error reports)."""
+    def describe_cpu(self, index: int = 0) -> str:
+        """vCPU ``index``'s register dump and the instruction bytes at RIP (for error reports)."""
         from pykvm.x86.cpu_view import describe
 
         try:
-            return describe(self.vcpu, self.memory)
+            return describe(self.vcpus[index], self.memory)
         except Exception as exc:  # a report must never hide the original problem
             return f"(register dump unavailable: {exc})"
