@@ -98,6 +98,16 @@ class Vm(FdOwner):
         config = ffi.new("struct kvm_pit_config *", {"flags": flags})
         self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
 
+    def get_pit2(self):
+        """KVM_GET_PIT2: the in-kernel 8254's state (``struct kvm_pit_state2 *``: three channels, flags)."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl("KVM_GET_PIT2", lib.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state) -> None:
+        """KVM_SET_PIT2: load the in-kernel 8254's state (e.g. channel 2's gate, which port 0x61 drives)."""
+        self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
+
     def reinject_control(self, reinject: bool) -> None:
         """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects ticks the guest missed.
 

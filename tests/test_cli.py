@@ -164,7 +164,7 @@ def test_guests_that_need_devices_run_out_of_the_box(name, input, expected):
 def test_a_guest_that_needs_the_irqchip_says_which_option_takes_it_away():
     proc = pykvm("run", "--guest", "uart_irq", "-machine", "kernel_irqchip=off")
     assert proc.returncode == 2
-    assert b"needs the in-kernel irqchip (drop -machine kernel_irqchip=off)" in proc.stderr
+    assert b"kernel_irqchip=off: uart_irq takes interrupts; it needs the in-kernel irqchip" in proc.stderr
 
 
 def test_guests_lists_every_guest_and_its_needs():
@@ -302,7 +302,10 @@ BAD_INPUT = [
     (["run", "--guest", "hello64", "-serial", "tcp::0"], "pykvm listens but does not connect out"),
     (["run", "--guest", "hello64", "-serial", "null", "-serial", "stdio"], "only COM1 can be on the terminal"),
     (["run", "--guest", "hello64", "--mode", "long"], "--mode and --load-addr go with -kernel"),
-    (["run", "--guest", "hello64", "-smp", "2"], "one vCPU for now"),
+    (["run", "--guest", "hello64", "-smp", "2"], "hello64 ends with HLT, which the in-kernel irqchip (-smp"),
+    (["run", "--guest", "hello64", "-device", "pc-testdev"], "pc-testdev and pci-testdev are devices of the pc"),
+    (["run", "--guest", "smp", "-machine", "kernel_irqchip=off"], "-M pc has the in-kernel PIC, IOAPIC and PIT"),
+    (["run", "--guest", "hello64", "-cpu", "host,+frobnicate"], "-cpu: unknown CPU feature 'frobnicate'"),
     (["run", "--guest", "hello64", "-s"], "-gdb tcp::1234: the GDB stub is not wired to the machine yet"),
     (["run", "--guest", "hello64", "-device", "virtconsole"], "needs chardev=ID"),
     (["run", "--guest", "hello64", "-device", "virtconsole,chardev=x"], "no -chardev with id=x"),

@@ -16,7 +16,8 @@ from pykvm.values import Value
 MAX_CPUS = 255  # xAPIC IDs; the MADT pykvm builds takes no x2APIC entries
 MACHINE_TYPES = ("pc", "microvm")
 IRQCHIP_MODES = ("on", "off", "split")
-DEVICE_DRIVERS = ("isa-debug-exit", "virtio-serial-device", "virtio-serial", "virtconsole")
+DEVICE_DRIVERS = ("isa-debug-exit", "virtio-serial-device", "virtio-serial", "virtconsole", "pc-testdev",
+                  "pci-testdev")
 DEFAULT_MEMORY = 128 << 20  # QEMU's
 
 

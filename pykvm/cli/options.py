@@ -20,15 +20,16 @@ RUN_OPTIONS: list[Option] = [
     Option(("--guest",), "NAME", "a shipped guest (pykvm guests); it says what it needs", kind=P),
     # the machine
     Option(("-m",), "SIZE", "RAM: a bare number is MiB; K/M/G/T suffixes; size=SIZE[,slots=,maxmem=]"),
-    Option(("-smp",), "N[,...]", "vCPUs: N[,cores=,threads=,sockets=,maxcpus=]"),
-    Option(("-machine", "-M"), "TYPE[,...]", "pc or microvm (for now both are pykvm's one machine); "
-           "accel=kvm, kernel_irqchip=on|off|split", dest="machine", repeat=True),
-    Option(("-cpu",), "MODEL[,...]", "host[,+feature,-feature] (the only model: KVM's own CPUID)"),
+    Option(("-smp",), "N[,...]", "vCPUs: N[,cores=,threads=,sockets=,maxcpus=]: a host thread each"),
+    Option(("-machine", "-M"), "TYPE[,...]", "pc (fw_cfg, CMOS, ACPI, PCI, in-kernel irqchip; the default for "
+           "kernels) or microvm (pykvm's basic machine; the default for flat images); accel=kvm, "
+           "kernel_irqchip=on|off|split", dest="machine", repeat=True),
+    Option(("-cpu",), "MODEL[,...]", "host[,+feature,-feature]: KVM's CPUID with QEMU's feature names"),
     Option(("-accel",), "ACCEL", "kvm (the only accelerator)"),
     Option(("-enable-kvm",), None, "the same as -accel kvm", dest="enable_kvm"),
     Option(("-name",), "NAME", "the VM's name (shown by the monitor's info name)"),
     Option(("-device",), "DRIVER[,...]", "isa-debug-exit,iobase=,iosize=; virtio-serial-device; "
-           "virtconsole,chardev=ID", repeat=True),
+           "virtconsole,chardev=ID; pc-testdev; pci-testdev (-M pc)", repeat=True),
     Option(("-global",), "DRIVER.PROP=VALUE", "kvm-pit.lost_tick_policy=delay|discard, "
            "isa-debug-exit.iobase=, isa-debug-exit.iosize=", repeat=True),
     Option(("-nodefaults",), None, "no default serial console and monitor (the debug-exit and POST ports "

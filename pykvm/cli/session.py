@@ -24,6 +24,7 @@ from pykvm.cli.status import (
     EXIT_GUEST_FAILED, EXIT_HOST_CANNOT, exit_status, install_stop_signals, restore_signals, stderr, stop_line,
 )
 from pykvm.errors import UsageError
+from pykvm.platform.cpuid import CpuidError
 
 
 class Echo:
@@ -101,16 +102,44 @@ class Session:
     def _needs(self) -> tuple[str, ...]:
         return self.info.needs if self.info is not None else ()
 
-    def _irqchip(self) -> bool:
+    def _platform(self) -> str:
+        """``pc`` for -M pc, for a kernel in a boot protocol's format and for a guest that needs it; else ``basic``.
+
+        A flat image (``--mode``, ``--load-addr``, or bytes no loader
+        recognises) runs on pykvm's basic machine, as do ``-M microvm`` command lines.
+        """
+        c = self.config
+        if c.machine == "pc":
+            return "pc"
+        if c.machine == "microvm":
+            return "basic"
+        if c.guest is not None:
+            return "pc" if "pc" in self._needs() else "basic"
+        if c.format != "auto":
+            return "basic" if c.format == "flat" else "pc"
+        if c.mode is not None or c.load_addr is not None:
+            return "basic"
+        from pykvm.errors import LoaderError
+        from pykvm.loaders import ImageSource, detect_format
+
+        try:
+            with ImageSource.open(c.kernel) as source:
+                return "basic" if detect_format(source) == "flat" else "pc"
+        except LoaderError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _irqchip(self, platform: str, cpus: int) -> bool:
         c, needs = self.config, self._needs()
         if c.irqchip == "split":
             raise UsageError("-machine kernel_irqchip=split: pykvm has the in-kernel irqchip (on) or none (off)")
         if c.irqchip == "off":
-            if "irqchip" in needs:
-                raise UsageError(f"{c.guest} takes interrupts: it needs the in-kernel irqchip "
-                                 "(drop -machine kernel_irqchip=off)")
+            why = ("-M pc has the in-kernel PIC, IOAPIC and PIT" if platform == "pc" else
+                   f"{c.guest} takes interrupts" if "irqchip" in needs else
+                   f"-smp {cpus}: the APs start by INIT-SIPI through the in-kernel LAPIC" if cpus > 1 else None)
+            if why:
+                raise UsageError(f"-machine kernel_irqchip=off: {why}; it needs the in-kernel irqchip")
             return False
-        return c.irqchip == "on" or "irqchip" in needs
+        return c.irqchip == "on" or "irqchip" in needs or platform == "pc" or cpus > 1
 
     def _serial_specs(self) -> list[str]:
         """COM1..COM4's -serial values; COM1's default is the terminal (shared with the monitor)."""
@@ -162,10 +191,6 @@ class Session:
                 self.info = guests.info(c.guest)
             except LookupError as exc:
                 raise UsageError(str(exc)) from None
-        if c.cpus > 1:
-            raise UsageError(f"-smp {c.cpus}: pykvm runs one vCPU for now (SMP comes with -M pc)")
-        if c.cpu_features:
-            raise UsageError("-cpu host,+/-feature: pykvm passes KVM's CPUID unchanged for now")
         if c.gdb is not None:
             raise UsageError(f"-gdb {c.gdb}: the GDB stub is not wired to the machine yet")
         self._open_serials()
@@ -177,11 +202,26 @@ class Session:
             sink = self.terminal.write
         elif self.serial.kind == "backend":
             sink = self.serial.backend.write
+        platform = self._platform()
+        drivers = {d.driver for d in c.devices}
+        cpus = c.cpus if c.cpus > 1 or "smp" not in self._needs() else 2  # an SMP guest gets two unless told
+        topology = c.topology
+        irqchip = self._irqchip(platform, cpus)
+        if irqchip and self.info is not None and self.info.stop == "hlt":
+            reason = "-smp" if cpus > 1 else "-M pc" if platform == "pc" else "-machine kernel_irqchip=on"
+            raise UsageError(f"{c.guest} ends with HLT, which the in-kernel irqchip ({reason} needs it) keeps "
+                             "waiting for an interrupt: it would never end")
         try:
-            self.machine = Machine(memory=c.memory, strict=c.strict, c_loop=c.c_loop, irqchip=self._irqchip(),
-                                   serial=sink, kernel_stats=c.stats or c.stats_json is not None)
-        except ValueError as exc:
-            raise UsageError(f"-m: {exc}") from None
+            self.machine = Machine(
+                memory=c.memory, strict=c.strict, c_loop=c.c_loop, serial=sink,
+                irqchip=irqchip, kernel_stats=c.stats or c.stats_json is not None,
+                cpus=cpus, threads=topology.get("threads", 1), cores=topology.get("cores"),
+                cpu_features=c.cpu_features, platform=platform,
+                pc_testdev="pc-testdev" in drivers, pci_testdev="pci-testdev" in drivers)
+        except CpuidError as exc:
+            raise UsageError(f"-cpu: {exc}") from None
+        except ValueError as exc:  # the machine refused its shape (memory size, CPUs, platform): say why
+            raise UsageError(str(exc)) from None
         m = self.machine
         self.guest_input = m.feed_serial
         self.hang_up = m.serial.host_hung_up

@@ -75,6 +75,7 @@ LAPIC_ADDR = 0xFEE0_0000
 PIC_MASTER_PORT = 0x20  # in-kernel 8259s (KVM_CREATE_IRQCHIP)
 PIC_SLAVE_PORT = 0xA0
 PIT_PORT = 0x40  # in-kernel 8254 (KVM_CREATE_PIT2), 0x40-0x43
+SYSTEM_CONTROL_PORT = 0x61  # port B: PIT channel 2's gate (bit 0) and OUT (bit 5)
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 I8042_RESET = 0xFE  # written to port 0x64: reset, a clean stop for CPL-3 guests

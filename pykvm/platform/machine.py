@@ -48,6 +48,9 @@ __all__ = ["Machine", "RunResult", "check_timeout"]
 
 MIN_MEMORY = 2 << 20
 MAX_CPUS = 255  # xAPIC IDs 0-254 (255 is the broadcast ID)
+#: ``basic``: pykvm's own devices (COM1, debug-exit, POST, i8042, virtio-mmio): what its guests need, and
+#: QEMU's ``-M microvm`` command lines run on it.  ``pc``: also QEMU's ``-M pc`` (pykvm.platform.pc_board).
+PLATFORMS = ("basic", "pc")
 MAX_MEMORY = 64 << 30
 
 _cpuid_cache: dict[str, object] = {}
@@ -104,6 +107,8 @@ class Machine:
     the in-kernel LAPIC; ``pykvm.platform.smp``), with ``threads`` per core
     and ``cores`` per package for their CPUID topology; ``cpu_features``:
     ``-cpu``'s ``(name, on)`` edits (``pykvm.platform.cpuid``).
+    ``platform``: ``basic`` or ``pc`` (:data:`PLATFORMS`; ``pc`` implies the
+    irqchip and may carry ``pc_testdev`` and ``pci_testdev``).
     """
 
     def __init__(
@@ -112,13 +117,16 @@ class Machine:
         *,
         strict: bool = False,
         c_loop: bool = True,
-        irqchip: bool = False,
+        irqchip: bool | None = None,
         serial: Callable[[bytes], None] | None = None,
         kernel_stats: bool = True,
         cpus: int = 1,
         threads: int = 1,
         cores: int | None = None,
         cpu_features: Sequence[tuple[str, bool]] = (),
+        platform: str = "basic",
+        pc_testdev: bool = False,
+        pci_testdev: bool = False,
         kvm: Kvm | None = None,
     ) -> None:
         self.memory_size = parse_size(memory)
@@ -126,6 +134,14 @@ class Machine:
             raise ValueError("memory must be at least 2M (pykvm keeps its tables below 1 MiB)")
         if self.memory_size > MAX_MEMORY:
             raise ValueError("memory larger than 64G is not supported")
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+        if irqchip is None:
+            irqchip = platform == "pc"  # a PC has its PIC, IOAPIC, LAPICs and PIT
+        elif platform == "pc" and not irqchip:
+            raise ValueError("the pc platform needs the in-kernel irqchip (pykvm emulates no PIC of its own)")
+        if (pc_testdev or pci_testdev) and platform != "pc":
+            raise ValueError("pc-testdev and pci-testdev are devices of the pc platform")
         if not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
             raise ValueError(f"cpus must be 1 to {MAX_CPUS}, not {cpus!r}")
         if cpus > 1 and not irqchip:
@@ -134,6 +150,8 @@ class Machine:
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
+        self.platform = platform
+        self.board = None  # the pc platform's devices and tables (pykvm.platform.pc_board.PcBoard)
         self.vcpus: list = []
         self.loops: list[VcpuLoop] = []
         self.stats_fds: list = []
@@ -172,6 +190,10 @@ class Machine:
             self.vcpu_stats = self.stats_fds[0] if self.stats_fds else None
             capture = SerialCapture(serial, on_error=self._output_failed)
             self.pc = add_pc_devices(self.add_device, self.irq_line, capture)
+            if platform == "pc":
+                from pykvm.platform.pc_board import PcBoard
+
+                self.board = PcBoard(self, pc_testdev=pc_testdev, pci_testdev=pci_testdev)
         except BaseException:
             self.close()
             raise
@@ -393,8 +415,11 @@ class Machine:
             memory_map = self.memory_map()
             plan = plan_image(kernel, memory_map=memory_map, format=format, mode=mode, load_addr=load_addr,
                               entry=entry, cmdline=cmdline, modules=module_sources,
-                              kernel_name=name or kernel.name)
+                              kernel_name=name or kernel.name,
+                              rsdp=self.board.rsdp_addr if self.board is not None else None)
             cpu = self._prepare_cpu(plan, memory_map)  # before any write: it may refuse
+            if self.board is not None:
+                self.board.write_memory()  # ACPI tables, IVT, BDA: what the kernel finds left by "firmware"
             for seg in plan.segments:
                 if seg.memsize:
                     seg.fill(self.memory.view(seg.gpa, seg.memsize))

@@ -158,8 +158,8 @@ class RunResult(Value):
 
     @property
     def clean(self) -> bool:
-        """True for a guest that stopped itself (HLT, reset or debug-exit)."""
-        return self.ended in ("hlt", "reset", "debug-exit")
+        """True for a guest that stopped itself (HLT, reset, debug-exit or ACPI power-off)."""
+        return self.ended in ("hlt", "reset", "debug-exit", "poweroff")
 
     @property
     def user_exits(self) -> int:
