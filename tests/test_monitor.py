@@ -423,3 +423,25 @@ def test_monitor_stdio_on_a_terminal_shares_it_with_the_serial_console():
         os.close(fd)
     text = output.decode("utf-8", "replace")
     assert "unknown command" not in text  # 'abc' went to the guest, not to the monitor
+
+
+@pytest.mark.kvm
+def test_monitor_lists_every_vcpu_and_cpu_selects_one():
+    from pykvm.inspect.monitor import Monitor
+    from pykvm.platform.machine import Machine
+
+    m = Machine(memory="128M", platform="pc", cpus=3)
+    try:
+        m.load_guest("spin64u")
+        mon = Monitor(m)
+        lines = mon.execute("info cpus").splitlines()
+        assert [line[:8] for line in lines] == ["* CPU #0", "  CPU #1", "  CPU #2"]
+        assert "(waiting for SIPI)" in lines[1] and "long 64-bit mode" in lines[0]
+        assert mon.execute("cpu 2") == ""
+        assert mon.execute("info cpus").splitlines()[2].startswith("* CPU #2")
+        assert "mode: real" in mon.execute("info registers")  # the AP, still at its reset state
+        assert mon.execute("cpu 3") == "no CPU #3: this machine has 3"
+        assert mon.execute("cpu x") == "cpu N (a vCPU index: see info cpus)"
+        mon.close()
+    finally:
+        m.close()

@@ -7,7 +7,8 @@ as in QEMU's monitor where QEMU has them::
 
     info registers      registers with RFLAGS, CR0, CR3, CR4, EFER decoded,
                         segments, mode name, CPL, debug registers, code at RIP
-    info cpus           the vCPU: PC, state, thread
+    info cpus           every vCPU: PC, mode, state, thread (* the selected one)
+    cpu N               select vCPU N for info registers, info mem, x and translate
     info mem            the guest's mappings, from its page tables
     info stats          exits per reason (C loop / Python), time split, KVM's vCPU stats
     info break          breakpoints
@@ -39,6 +40,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from pykvm._native_loader import lib
 from pykvm.errors import MonitorError, TraceError
 from pykvm.inspect.registers import dump_registers
 from pykvm.inspect.trace_format import format_breakpoint, format_mode, format_step, format_stop
@@ -55,7 +57,7 @@ __all__ = ["Monitor", "MonitorError", "parse_address", "wait_until_stopped", "PR
 PROMPT = "(pykvm) "
 
 HELP = """\
-info registers|cpus|mem|stats|break|status
+info registers|cpus|mem|stats|break|status | cpu N   (cpu selects the vCPU info, x and translate show)
 x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
 translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
@@ -138,6 +140,7 @@ class Monitor:
     def __init__(self, machine: "Machine", *, notify: Callable[[str], None] | None = None,
                  wait_timeout: float = 60.0) -> None:
         self.machine = machine
+        self.selected = 0  # the vCPU info registers, info mem, x and translate show (cpu N)
         self.tracer = Tracer(machine)
         self.notify = notify
         self.wait_timeout = wait_timeout
@@ -276,6 +279,7 @@ class Monitor:
             rest = rest.strip()
         handler = {
             "info": self._cmd_info, "i": self._cmd_info,
+            "cpu": self._cmd_cpu,
             "x": self._cmd_x, "xp": self._cmd_xp,
             "translate": self._cmd_translate,
             "stop": self._cmd_stop,
@@ -338,7 +342,7 @@ class Monitor:
         return table[what]()
 
     def _info_registers(self) -> str:
-        return self._with_vcpu(lambda: dump_registers(self.machine.vcpu, self.machine.memory))
+        return self._with_vcpu(lambda: dump_registers(self.vcpu, self.machine.memory))
 
     def _state_words(self) -> str:
         if self.running:
@@ -355,17 +359,39 @@ class Monitor:
         tid = self._worker_tid
 
         def read() -> str:
-            vcpu = self.machine.vcpu
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-            thread = f" thread_id={tid}" if tid else ""
-            return f"* CPU #{vcpu.id}: pc={regs.rip:#018x} ({format_mode(sregs)}){thread} {state}"
+            lines = []
+            for vcpu in self.machine.vcpus:
+                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+                thread = f" thread_id={tid}" if tid and vcpu.id == 0 else ""
+                mark = "*" if vcpu is self.vcpu else " "
+                waiting = (" (waiting for SIPI)" if vcpu.id and vcpu.get_mp_state() == lib.KVM_MP_STATE_UNINITIALIZED
+                           else "")
+                lines.append(f"{mark} CPU #{vcpu.id}: pc={regs.rip:#018x} ({format_mode(sregs)}){thread} {state}"
+                             f"{waiting}")
+            return "\n".join(lines)
         return self._with_vcpu(read)
+
+    def _cmd_cpu(self, rest: str) -> str:
+        """``cpu N``: the vCPU that info registers, info mem, x and translate show (QEMU's ``cpu``)."""
+        try:
+            index = int(rest, 0)
+        except ValueError:
+            return "cpu N (a vCPU index: see info cpus)"
+        if not 0 <= index < len(self.machine.vcpus):
+            return f"no CPU #{index}: this machine has {len(self.machine.vcpus)}"
+        self.selected = index
+        return ""
+
+    @property
+    def vcpu(self):
+        """The selected vCPU (``cpu N``; the boot CPU until then)."""
+        return self.machine.vcpus[self.selected]
 
     def _info_mem(self) -> str:
         from pykvm.inspect.translate import format_mappings, mappings
 
         def read() -> str:
-            sregs = self.machine.vcpu.get_sregs()
+            sregs = self.vcpu.get_sregs()
             if not sregs.cr0 & bits.CR0_PG:
                 return ("paging is off (CR0.PG=0): linear addresses are guest-physical; RAM: "
                         + self.machine.memory.describe())
@@ -396,7 +422,7 @@ class Monitor:
         lines.append(f"tracer: {tr.steps_done} steps, {tr.debug_exits} single-step/breakpoint debug exits")
         try:
             if self._stats_fd is None:
-                self._stats_fd = self.machine.vcpu.stats_fd()
+                self._stats_fd = self.vcpu.stats_fd()
             values = self._stats_fd.read()
         except OSError as exc:
             lines.append(f"vCPU stats: KVM_GET_STATS_FD failed: {exc}")
@@ -431,7 +457,7 @@ class Monitor:
             raise MonitorError("at most 4096 units at a time")
 
         def read() -> str:
-            vcpu, memory = self.machine.vcpu, self.machine.memory
+            vcpu, memory = self.vcpu, self.machine.memory
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
             address = parse_address(rest, regs)
             if kind == "i":
@@ -472,8 +498,8 @@ class Monitor:
             raise MonitorError("translate needs a guest-virtual (linear) address")
 
         def read() -> str:
-            address = parse_address(rest, self.machine.vcpu.get_regs())
-            return str(translate_address(self.machine.vcpu, self.machine.memory, address))
+            address = parse_address(rest, self.vcpu.get_regs())
+            return str(translate_address(self.vcpu, self.machine.memory, address))
         return self._with_vcpu(read)
 
     # execution control
