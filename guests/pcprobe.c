@@ -11,6 +11,10 @@
  *           seconds register, read under the UIP protocol, changes within
  *           SECONDS_TIMEOUT_MS.
  *   PCI     the host bridge at 00:00.0 and every function on bus 0.
+ *   firmware what a BIOS leaves behind for the kernel: the PICs' masks, PIT
+ *           channel 0 counting (two latched reads), the boot CPU's LAPIC
+ *           (SVR, LINT0, LINT1), the BIOS data area's COM1 address and base
+ *           memory size, and the IVT's INT 08h vector.
  *
  * Cross-checks: the DMA read gives "QEMU"; CMOS 0x5f + 1 = NB_CPUS; the
  * RAM the CMOS bytes describe = RAM_SIZE (where they can describe it: more
@@ -141,6 +145,29 @@ static int probe_pci(void)
     return EXIT_OK;
 }
 
+static void probe_firmware_state(void)
+{
+    print("pic_master_mask: 0x%x\n", inb(0x21));
+    print("pic_slave_mask: 0x%x\n", inb(0xa1));
+    uint32_t counts[2];
+    for (int i = 0; i < 2; i++) {
+        outb(0x43, 0x00);                     /* latch channel 0's count (its access mode stays) */
+        uint32_t lo = inb(0x40);
+        counts[i] = lo | (uint32_t)inb(0x40) << 8;
+        if (i == 0)
+            delay_us(200);
+    }
+    print("pit0_counting: %u\n", counts[0] != counts[1] ? 1u : 0u);
+    print("lapic_svr: 0x%x\n", lapic_read(LAPIC_SVR));
+    print("lapic_lint0: 0x%x\n", lapic_read(0x350));
+    print("lapic_lint1: 0x%x\n", lapic_read(0x360));
+    uintptr_t low = 0;
+    __asm__("" : "+r"(low));                   /* the first KiB is memory here, not a null pointer */
+    print("bda_com1: 0x%x\n", mmio_read32(low + 0x400) & 0xffff);
+    print("bda_base_kib: %u\n", mmio_read32(low + 0x413) & 0xffff);
+    print("ivt_int08_set: %u\n", mmio_read32(low + 8 * 4) != 0 ? 1u : 0u);  /* offset, then segment */
+}
+
 int guest_main(const struct multiboot_info *mbi)
 {
     (void)mbi;
@@ -154,5 +181,7 @@ int guest_main(const struct multiboot_info *mbi)
         status = probe_cmos(nb_cpus, ram_size);
     if (status == EXIT_OK)
         status = probe_pci();
+    if (status == EXIT_OK)
+        probe_firmware_state();
     return status == EXIT_OK ? done_ok() : status;
 }

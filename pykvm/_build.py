@@ -79,6 +79,7 @@ KVM_EXIT_NOTIFY KVM_EXIT_MEMORY_FAULT KVM_CAP_MEMORY_FAULT_INFO
 
 LIBC_CDEF = """
 #define PYKVM_ROUTING_U_OFFSET ...
+#define PYKVM_IRQCHIP_CHIP_OFFSET ...
 #define MADV_HUGEPAGE ...
 #define MADV_DONTNEED ...
 #define MADV_MERGEABLE ...
@@ -123,7 +124,8 @@ def make_ffi() -> FFI:
     ffi.set_source(
         "pykvm._native",
         '#include <signal.h>\n#include <stddef.h>\n#include <sys/mman.h>\n#include "runloop.h"\n'
-        "#define PYKVM_ROUTING_U_OFFSET offsetof(struct kvm_irq_routing_entry, u)\n" + guarded_src,
+        "#define PYKVM_ROUTING_U_OFFSET offsetof(struct kvm_irq_routing_entry, u)\n"
+        "#define PYKVM_IRQCHIP_CHIP_OFFSET offsetof(struct kvm_irqchip, chip)\n" + guarded_src,
         sources=[str(CSRC / "runloop.c")],
         include_dirs=[str(CSRC)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -98,6 +98,30 @@ class Vm(FdOwner):
         config = ffi.new("struct kvm_pit_config *", {"flags": flags})
         self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
 
+    def get_irqchip(self, chip_id: int):
+        """KVM_GET_IRQCHIP: one in-kernel interrupt controller's state (``struct kvm_irqchip *``).
+
+        ``chip_id`` is KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC; a PIC's
+        8259 fields are in :meth:`pic_state`.
+        """
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        self._ioctl("KVM_GET_IRQCHIP", lib.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip) -> None:
+        """KVM_SET_IRQCHIP: load the state of the controller ``chip.chip_id`` names."""
+        self._ioctl("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP, chip)
+
+    @staticmethod
+    def pic_state(chip):
+        """The ``struct kvm_pic_state *`` in a PIC's ``struct kvm_irqchip`` (its union ``chip``).
+
+        The pointer keeps ``chip`` alive (a cffi pointer into a buffer does not
+        own it: a temporary chip would be freed and its memory reused).
+        """
+        pic = ffi.cast("struct kvm_pic_state *", ffi.cast("char *", chip) + lib.PYKVM_IRQCHIP_CHIP_OFFSET)
+        return ffi.gc(pic, lambda _pic, _owner=chip: None)
+
     def get_pit2(self):
         """KVM_GET_PIT2: the in-kernel 8254's state (``struct kvm_pit_state2 *``: three channels, flags)."""
         state = ffi.new("struct kvm_pit_state2 *")

@@ -445,3 +445,27 @@ def test_monitor_lists_every_vcpu_and_cpu_selects_one():
         mon.close()
     finally:
         m.close()
+
+
+@pytest.mark.kvm
+def test_monitor_shows_a_suspended_guest_and_system_wakeup_resumes_it():
+    from pykvm.inspect.monitor import Monitor
+    from pykvm.platform.machine import Machine
+
+    # mov dx, 0x604 ; mov ax, SLP_EN | SLP_TYP 1 (S3) ; out dx, ax ; jmp $   (protected mode)
+    suspend = bytes([0x66, 0xBA, 0x04, 0x06, 0x66, 0xB8, 0x00, 0x24, 0x66, 0xEF, 0xEB, 0xFE])
+    resume = bytes([0xB0, 0x2A, 0xE6, 0xF4, 0xEB, 0xFE])  # real mode: mov al, 42 ; out 0xf4, al ; jmp $
+    with Machine(memory="32M", platform="pc") as m:
+        m.load_image(suspend, format="flat", mode="protected")
+        m.memory.write(0x7000, resume)
+        m.memory.write(m.board.acpi.firmware_waking_vector_addr, (0x7000).to_bytes(4, "little"))
+        with Monitor(m) as mon:
+            assert mon.execute("system_wakeup") == "the guest is not suspended"
+            mon.execute("cont")
+            deadline = time.monotonic() + 30
+            while not m.board.sleep.suspended and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling a state, not timing the test: the deadline only bounds it
+            assert mon.execute("info status") == "VM status: suspended (ACPI S3)"
+            assert mon.execute("system_wakeup") == ""
+            answer = mon.execute("wait 30")
+            assert "debug-exit (status 85)" in answer, answer  # 42 << 1 | 1: the stub at the waking vector ran

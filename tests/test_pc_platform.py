@@ -100,3 +100,42 @@ def test_a_qemu_smp_command_line_with_initrd_append_debug_exit_and_pc_testdev(tm
     assert proc.returncode == 1, proc.stderr  # the guest's "exit 0" as QEMU reports it
     report = parse_report(proc.stdout.decode(), strict=True)
     assert report["cmdline"]["text"].endswith(" x=1") and report["module"][0]["text"] == f"{module} arg"
+
+
+@pytest.mark.kvm
+def test_the_pics_hold_the_bios_vector_bases_when_a_kernel_starts():
+    from pykvm._native import lib
+    from pykvm.platform.machine import Machine
+
+    with Machine(memory="32M", platform="pc") as m:
+        m.load_image(bytes([0xF4]), format="flat", mode="protected")
+        master = m.vm.pic_state(m.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER))  # temporaries: the
+        slave = m.vm.pic_state(m.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE))  # pointers keep them alive
+        assert (master.irq_base, slave.irq_base) == (0x08, 0x70)  # INT 08h-0Fh and INT 70h-77h
+        assert (master.init4, master.init_state, slave.init4) == (1, 0, 1)
+        assert m.vm.get_pit2().channels[0].mode == 3
+
+
+@pytest.mark.kvm
+def test_s3_waits_through_a_timeout_then_system_wakeup_resumes_in_real_mode_at_the_vector():
+    from pykvm.platform.machine import Machine
+
+    # mov dx, 0x604 (PM1a_CNT) ; mov ax, SLP_EN | SLP_TYP 1 (QEMU's \_S3) ; out dx, ax ; jmp $
+    suspend = bytes([0x66, 0xBA, 0x04, 0x06, 0x66, 0xB8, 0x00, 0x24, 0x66, 0xEF, 0xEB, 0xFE])
+    # real mode: xor eax, eax ; mov dx, 0x600 ; in ax, dx (PM1_STS) ; mov dx, 0xf4 ; out dx, eax ; jmp $
+    resume = bytes([0x66, 0x31, 0xC0, 0xBA, 0x00, 0x06, 0xED, 0xBA, 0xF4, 0x00, 0x66, 0xEF, 0xEB, 0xFE])
+    with Machine(memory="32M", platform="pc") as m:
+        m.load_image(suspend, format="flat", mode="protected")
+        m.memory.write(0x7010, resume)
+        m.memory.write(m.board.acpi.firmware_waking_vector_addr, (0x7010).to_bytes(4, "little"))
+        asleep = m.run(timeout=0.3)  # nothing armed to wake it: the run times out asleep
+        assert asleep.ended == "timeout" and "suspended" in asleep.message and m.board.sleep.suspended
+        again = m.run(timeout=0.2)  # a later run goes on sleeping; it does not re-execute the guest
+        assert again.ended == "timeout" and m.board.sleep.suspends == 1
+        assert m.board.sleep.wakeup()  # the monitor's system_wakeup
+        woke = m.run(timeout=10)
+        assert woke.ended == "debug-exit"
+        pm1_sts = woke.exit_status >> 1
+        assert pm1_sts & 0x8100 == 0x8100  # WAK_STS and PWRBTN_STS (QEMU's "other" wake reason)
+        sregs = m.vcpu.get_sregs()
+        assert (sregs.cs.selector, sregs.cs.base, sregs.cr0 & 1) == (0x701, 0x7010, 0)  # CS:IP = 0701:0000

@@ -231,6 +231,11 @@ class Cmos:
         """Latch every event up to ``now`` (host seconds; default the clock) and raise IRQ 8 if enabled."""
         self._catch_up(now)
 
+    def alarm_interrupt_pending(self, now: float | None = None) -> bool:
+        """AF set with AIE on: the alarm went off (QEMU's RTC wake-up source), read without clearing C."""
+        self._catch_up(now)
+        return bool(self._flags & C_AF and self._ram[REG_B] & B_AIE)
+
     def next_event(self, now: float | None = None) -> float | None:
         """Host time of the next event that raises IRQ 8, or None; events already due are latched first.
 

@@ -325,6 +325,11 @@ GUESTS: dict[str, GuestInfo] = {
             "overrides, and measures the PM timer against the PIT-calibrated TSC (3.579545 MHz +-2%)",
         ),
         _multiboot(
+            "s3wake",
+            "ACPI S3: arms the RTC alarm and RTC_EN, leaves a real-mode stub in the FACS waking vector "
+            "and suspends; the stub reports PM1_STS >> 9 (0x42: woken by the RTC) through debug-exit",
+        ),
+        _multiboot(
             "ipiping",
             "two CPUs ping-pong fixed IPIs (vector 0x30) N times, handlers without IRET; prints the TSC "
             "cycles per round trip; `iterations=N` on the command line",

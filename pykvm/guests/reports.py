@@ -102,6 +102,9 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "cmos_reg_d": "int", "cmos_ram_size": "int",
         "cmos_seconds_changed": "int", "cmos_seconds_wait_ms": "int",
         "pci_host": "fields", "pci": "fields[]", "pci_functions": "int",
+        "pic_master_mask": "int", "pic_slave_mask": "int", "pit0_counting": "int",
+        "lapic_svr": "int", "lapic_lint0": "int", "lapic_lint1": "int",
+        "bda_com1": "int", "bda_base_kib": "int", "ivt_int08_set": "int",
     },
     "acpiscan": {
         "rsdp": "fields", "rsdp_xsdt": "int", "rsdp_extended_checksum": "str",
@@ -111,6 +114,7 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "pm_tmr_blk": "int", "pm_tmr_len": "int", "pm_tmr_32bit": "int",
         "tsc_khz": "int", "pm_ticks": "int", "tsc_ticks": "int", "pm_timer_hz": "int",
     },
+    "s3wake": {"facs": "int", "pm1a_evt": "int", "pm1a_cnt": "int", "state": "str"},
     "ipiping": {
         "iterations": "int", "cpus": "int", "bsp_apic_id": "int", "tsc_khz": "int",
         "ap_apic_id": "int", "vector": "int", "round_trips": "int", "tsc_cycles": "int",

@@ -22,6 +22,7 @@ as in QEMU's monitor where QEMU has them::
     break ADDR [hw|sw]  breakpoint at linear ADDR (sw falls back to hw where the host cannot)
     delete [N]          delete breakpoint N, or all
     wait [SECONDS]      (pykvm) wait until the guest stops: for scripts, after cont
+    system_wakeup       wake a guest suspended to RAM (ACPI S3; -M pc)
     quit                stop the guest and leave
 
 Addresses are numbers (``0x100000``, ``1048576``) or registers (``$rip``,
@@ -35,13 +36,13 @@ shares one terminal between the guest's serial console and the monitor.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from pykvm._native_loader import lib
 from pykvm.errors import MonitorError, TraceError
+from pykvm.inspect.monitor_syntax import format_unit, number, parse_address, parse_format, read_physical
 from pykvm.inspect.registers import dump_registers
 from pykvm.inspect.trace_format import format_breakpoint, format_mode, format_step, format_stop
 from pykvm.inspect.tracer import Stop, Tracer
@@ -62,66 +63,11 @@ x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
 translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
+system_wakeup   (resume a guest suspended to RAM, ACPI S3)
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
 _PAUSE_REASON = "monitor"  # request_stop reason for the monitor's own short pauses
-
-
-# ---------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------
-
-_REG_ALIASES = {"pc": "rip", "ip": "rip", "eip": "rip", "sp": "rsp", "esp": "rsp", "eflags": "rflags"}
-_REG_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
-               "r13", "r14", "r15", "rip", "rflags")
-_ADDR_RE = re.compile(r"^\s*(\$?[A-Za-z0-9_]+)\s*(?:([+-])\s*(\S+))?\s*$")
-
-
-def parse_address(text: str, regs=None) -> int:
-    """``0x100000``, ``1048576``, ``$rip``, ``$pc+4``, ``$rsp-0x10`` -> an integer."""
-    m = _ADDR_RE.match(text)
-    if not m:
-        raise MonitorError(f"bad address {text!r}")
-    base, sign, offset = m.groups()
-    if base.startswith("$"):
-        name = base[1:].lower()
-        name = _REG_ALIASES.get(name, name)
-        if name not in _REG_FIELDS:
-            raise MonitorError(f"unknown register {base!r}")
-        if regs is None:
-            raise MonitorError("registers are not available")
-        value = getattr(regs, name)
-    else:
-        value = _number(base)
-    if sign:
-        delta = _number(offset)
-        value = value + delta if sign == "+" else value - delta
-    if value < 0:
-        raise MonitorError(f"address {text!r} is negative")
-    return value
-
-
-def _number(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        try:
-            return int(text, 16)  # QEMU takes bare hex too
-        except ValueError:
-            raise MonitorError(f"not a number: {text!r}") from None
-
-
-_FMT_RE = re.compile(r"^(\d*)([xduoci]?)([bhwg]?)$")
-_SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
-
-
-def _parse_format(fmt: str) -> tuple[int, str, int]:
-    m = _FMT_RE.match(fmt)
-    if not m:
-        raise MonitorError(f"bad format /{fmt}: use /Nx, /Ni, /Nd, /Nu, /Nc with size b, h, w or g")
-    count, kind, size = m.groups()
-    return int(count or 1), kind or "x", _SIZES[size] if size else 4
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +234,7 @@ class Monitor:
             "break": self._cmd_break, "b": self._cmd_break,
             "delete": self._cmd_delete, "d": self._cmd_delete,
             "wait": self._cmd_wait,
+            "system_wakeup": self._cmd_system_wakeup,
             "quit": self._cmd_quit, "q": self._cmd_quit,
             "help": self._cmd_help, "?": self._cmd_help,
         }.get(name)
@@ -345,6 +292,9 @@ class Monitor:
         return self._with_vcpu(lambda: dump_registers(self.vcpu, self.machine.memory))
 
     def _state_words(self) -> str:
+        board = self.machine.board
+        if board is not None and board.sleep.suspended:
+            return "suspended (ACPI S3)"
         if self.running:
             return "running"
         if self.last_stop is None:
@@ -450,7 +400,7 @@ class Monitor:
         return self._examine(fmt, rest, physical=True)
 
     def _examine(self, fmt: str, rest: str, physical: bool) -> str:
-        count, kind, size = _parse_format(fmt)
+        count, kind, size = parse_format(fmt)
         if not rest:
             raise MonitorError(f"{'xp' if physical else 'x'}/{fmt} needs an address")
         if count > 4096:
@@ -463,7 +413,7 @@ class Monitor:
             if kind == "i":
                 want = count * 15
                 if physical:
-                    data = _read_physical(memory, address, want)
+                    data = read_physical(memory, address, want)
                 else:
                     data = read_linear(memory, sregs, address, want)
                 if not data:
@@ -477,14 +427,14 @@ class Monitor:
                     return f"{address:#018x}:  {data[:1].hex()}  (bad)"
                 return "\n".join(f"{i.linear:#018x}:  {i.raw.hex(' '):<24} {i.text}" for i in insns)
             want = count * size
-            data = _read_physical(memory, address, want) if physical else read_linear(memory, sregs, address, want)
+            data = read_physical(memory, address, want) if physical else read_linear(memory, sregs, address, want)
             if len(data) < size:
                 raise MonitorError(f"Cannot access memory at {address:#x}")
             units = [data[i:i + size] for i in range(0, len(data) - len(data) % size, size)]
             per_line = max(1, 16 // size)
             lines = []
             for start in range(0, len(units), per_line):
-                cells = [_format_unit(u, kind, size) for u in units[start:start + per_line]]
+                cells = [format_unit(u, kind, size) for u in units[start:start + per_line]]
                 lines.append(f"{address + start * size:016x}: " + " ".join(cells))
             if len(units) < count:
                 lines.append(f"Cannot access memory at {address + len(units) * size:#x}")
@@ -518,13 +468,20 @@ class Monitor:
         return f"continuing at rip {rip:#x}"
 
     def _cmd_step(self, rest: str) -> str:
-        count = _number(rest) if rest else 1
+        count = number(rest) if rest else 1
         if count < 1:
             raise MonitorError("step takes a positive count")
         self._pause(reason="paused")
         lines = [format_step(step) for step in self.tracer.trace(count)]
         self.last_stop = self.tracer.last_stop or Stop("step", None, "", self.machine.vcpu.get_regs().rip)
         return "\n".join(lines)
+
+    def _cmd_system_wakeup(self, rest: str) -> str:
+        """QEMU's system_wakeup: a wake event for a machine in ACPI S3 (it resumes at the waking vector)."""
+        board = self.machine.board
+        if board is None or not board.sleep.wakeup():
+            return "the guest is not suspended"
+        return ""
 
     def _cmd_wait(self, rest: str) -> str:
         seconds = float(rest) if rest else self.wait_timeout
@@ -558,36 +515,9 @@ class Monitor:
             if not rest:
                 n = self.tracer.clear_breakpoints()
                 return f"deleted {n} breakpoint{'s' if n != 1 else ''}"
-            bp = self.tracer.remove_breakpoint(_number(rest))
+            bp = self.tracer.remove_breakpoint(number(rest))
             return f"deleted breakpoint {bp.number} at {bp.address:#x}"
         return self._with_vcpu(delete)
-
-
-def _read_physical(memory, address: int, size: int) -> bytes:
-    """Up to ``size`` bytes of guest-physical memory, stopping where RAM stops."""
-    out = bytearray()
-    while len(out) < size:
-        at = address + len(out)
-        if not memory.is_mapped(at):
-            break
-        region = memory.region_at(at)
-        out += memory.read(at, min(size - len(out), region.end - at))
-    return bytes(out)
-
-
-def _format_unit(data: bytes, kind: str, size: int) -> str:
-    value = int.from_bytes(data, "little")
-    if kind == "x":
-        return f"{value:#0{2 + 2 * size}x}"
-    if kind == "d":
-        return str(int.from_bytes(data, "little", signed=True))
-    if kind == "u":
-        return str(value)
-    if kind == "o":
-        return f"{value:#o}"
-    if kind == "c":
-        return repr(data.decode("latin-1"))
-    return f"{value:#x}"
 
 
 def wait_until_stopped(monitor: Monitor, timeout: float | None) -> Stop | None:

@@ -238,6 +238,8 @@ class Machine:
             if self._closed:
                 return
             self._closed = True
+        if self.board is not None:
+            self.board.close()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.virtio is not None:
@@ -477,6 +479,8 @@ class Machine:
         """
         for loop in self.loops:
             loop.request_stop(reason)
+        if self.board is not None:
+            self.board.sleep.interrupt(reason)  # a machine in S3 has no loop running
 
     def cancel_stop(self) -> None:
         """Forget a ``request_stop()`` that came after the run had already ended for another reason."""
@@ -521,12 +525,24 @@ class Machine:
                 finally:
                     watchdog.disarm(watch)
 
-        if len(self.loops) == 1:
-            index, stop = 0, run_one(0)
-        else:
+        def run_all() -> VcpuStop:
+            if len(self.loops) == 1:
+                return run_one(0)
             index, stop = run_vcpus(self.loops, run_one)
-            if index and stop.message:
-                stop = stop.replace(message=f"vCPU {index}: {stop.message}")
+            return stop.replace(message=f"vCPU {index}: {stop.message}") if index and stop.message else stop
+
+        sleep = self.board.sleep if self.board is not None else None
+        stop = VcpuStop("suspend", 0, "") if sleep is not None and sleep.suspended else run_all()
+        while stop.reason == "suspend" and sleep is not None:  # ACPI S3: wait for the wake, then resume
+            try:
+                woke = sleep.wait_for_wake(deadline)
+            except KeyboardInterrupt:
+                woke = "interrupted"
+            if woke != "wake":
+                self.cancel_stop()  # the stop request was for the sleep; the loops must not keep it
+                stop = VcpuStop(woke, None, "while suspended (ACPI S3)")
+            else:
+                stop = run_all()
         return self._result(accounting, stop)
 
     def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:

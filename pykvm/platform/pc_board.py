@@ -46,11 +46,15 @@ from pykvm.devices.port61 import Port61
 from pykvm.platform import layout
 from pykvm.platform.acpi import build_acpi_tables
 from pykvm.platform.bios import build_firmware_state
+from pykvm.platform.pc_sleep import SleepState
+from pykvm.platform.pc_timers import PcTimers
 
-__all__ = ["PcBoard", "POWER_OFF"]
+__all__ = ["PcBoard", "POWER_OFF", "SUSPEND"]
 
 #: The stop reason when the guest enters ACPI S5 (soft off): a clean end, exit status 0.
 POWER_OFF = "poweroff"
+#: The vCPUs' stop reason when the guest enters ACPI S3; ``Machine.run`` then waits for the wake.
+SUSPEND = "suspend"
 
 # The PIIX functions QEMU's -M pc has besides the host bridge (hw/isa/piix.c, hw/acpi/piix4.c).
 PIIX3_ISA = dict(vendor_id=0x8086, device_id=0x7000, class_code=0x0601, multifunction=True)
@@ -78,9 +82,11 @@ class PcBoard:
         m.add_device(self.fw_cfg, port=layout.FW_CFG_PORT, name="fw_cfg")
         self.cmos = Cmos(interrupt=m.irq_line(layout.RTC_IRQ))
         self.cmos.set_pc_config(m.memory_size, cpus)
-        m.add_device(self.cmos, port=layout.CMOS_PORT, name="cmos")
         self.pm = AcpiPm(interrupt=m.irq_line(layout.SCI_IRQ), on_sleep=self._sleep)
-        m.add_device(self.pm, port=layout.ACPI_PM_PORT, name="acpi-pm")
+        self.timers = PcTimers(self.cmos, self.pm)  # IRQ 8 and the SCI on time, from a thread of their own
+        m.add_device(self.timers.serialized(self.cmos), port=layout.CMOS_PORT, name="cmos")
+        m.add_device(self.timers.serialized(self.pm), port=layout.ACPI_PM_PORT, name="acpi-pm")
+        self.sleep = SleepState(m, self.timers, self.pm, self.cmos, self.acpi.firmware_waking_vector_addr)
         self.smi = SmiCommand(set_sci_enabled=self.pm.set_sci_enabled)
         m.add_device(self.smi, port=layout.SMI_CMD_PORT, name="apm-smi")
         self.port61 = Port61(self._pit_channel2, self._set_pit_gate)
@@ -108,6 +114,10 @@ class PcBoard:
         com_ports = [port for port in layout.COM_PORTS if m.pio.find(port) is not None]
         for addr, data in [*self.acpi.blobs, *build_firmware_state(com_ports)]:
             m.memory.write(addr, data)
+        if m.irqchip:
+            from pykvm.platform.firmware_chips import program_legacy_chips
+
+            program_legacy_chips(m.vm, m.vcpus[0])  # the PICs, PIT channel 0 and LINT0/1 as SeaBIOS leaves them
 
     def _pit_channel2(self) -> tuple[int, int, int]:
         channel = self.machine.vm.get_pit2().channels[2]  # KVM_GET_PIT2
@@ -150,14 +160,21 @@ class PcBoard:
                 pass  # a BAR over another device: it decodes nothing there (a guest's mistake, as on hardware)
 
     def _sleep(self, sleep_type: int) -> None:
-        """PM1a_CNT's SLP_EN with SLP_TYP (the DSDT's \\_S5 is type 0): S5 powers off, ending the run.
+        """PM1a_CNT's SLP_EN with SLP_TYP (the DSDT's packages): S5 powers off, S3 suspends to RAM.
 
-        S3 (type 1, suspend to RAM) and S4 are not emulated yet: they end the
-        run too, with ``ended == "suspend"``.
+        Both end the vCPUs' run; after S3 ``Machine.run`` waits for a wake
+        event and resumes (``platform.pc_sleep``).  S4 (to disk) is not
+        emulated: it is taken as S3.
         """
         from pykvm.devices import DeviceStop
         from pykvm.platform.acpi import QEMU_SLEEP_TYPES
 
         if sleep_type == QEMU_SLEEP_TYPES[5]:
             raise DeviceStop(POWER_OFF, 0)
-        raise DeviceStop("suspend", 0)
+        self.sleep.suspend()
+        raise DeviceStop(SUSPEND, 0)
+
+    def close(self) -> None:
+        """End an S3 wait and join the timer thread (the machine's close calls this first)."""
+        self.sleep.interrupt("closed")
+        self.timers.close()
