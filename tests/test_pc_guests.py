@@ -292,3 +292,13 @@ def test_s3_suspend_and_rtc_alarm_resume_at_the_waking_vector(platform):
     assert run.report["state"] == "suspending" and "done" not in run.report  # the C code never resumed
     assert (run.report["pm1a_evt"], run.report["pm1a_cnt"]) == (0x600, 0x604)
     assert run.seconds < 20  # the alarm's "don't care" fields make it go off within a second
+
+
+# --- rtcirq ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_rtc_periodic_interrupts_reach_a_halted_cpu_through_the_pics(platform):
+    """IRQ 8 must come while the CPU sleeps in hlt: the RTC's events are raised on time, not when touched."""
+    r = run_guest(platform, "rtcirq", append="count=200").report
+    assert r["done"] == "ok" and r["rtc_irqs"] == 200 and r["rtc_irqs_without_pf"] == 0
+    assert r["other_interrupts"] == 0 and r["rtc_irq_hz"] > 0  # (the rate rests on the guest's TSC calibration)

@@ -282,8 +282,11 @@ class Cmos:
                 self._write_data(value)
 
     def _read_data(self) -> int:
-        now = self._catch_up(None)
         index = CENTURY if self._index == IBM_PS2_CENTURY else self._index
+        # A read of C returns and clears what is latched now: latching it without driving the line
+        # first keeps IRQ 8 from rising and falling inside the read, an edge the PIC would keep as
+        # a request (an interrupt with no flag behind it).  The timer thread raises the line on time.
+        now = self._latch(None) if index == REG_C else self._catch_up(None)
         if index in TIME_REGISTERS and self._running:
             self._store_time(now)
         if index == REG_A:

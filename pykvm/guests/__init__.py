@@ -325,6 +325,12 @@ GUESTS: dict[str, GuestInfo] = {
             "overrides, and measures the PM timer against the PIT-calibrated TSC (3.579545 MHz +-2%)",
         ),
         _multiboot(
+            "rtcirq",
+            "the RTC's periodic interrupt (1024 Hz) through the remapped 8259s (IRQ 8 at vector 0x28), "
+            "waited for in sti; hlt; `count=N` interrupts (default 64); prints the rate it saw",
+            cmdline="count=64",
+        ),
+        _multiboot(
             "s3wake",
             "ACPI S3: arms the RTC alarm and RTC_EN, leaves a real-mode stub in the FACS waking vector "
             "and suspends; the stub reports PM1_STS >> 9 (0x42: woken by the RTC) through debug-exit",

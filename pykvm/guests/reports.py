@@ -114,6 +114,8 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "pm_tmr_blk": "int", "pm_tmr_len": "int", "pm_tmr_32bit": "int",
         "tsc_khz": "int", "pm_ticks": "int", "tsc_ticks": "int", "pm_timer_hz": "int",
     },
+    "rtcirq": {"count": "int", "tsc_khz": "int", "rtc_irqs": "int", "rtc_irqs_without_pf": "int",
+               "other_interrupts": "int", "elapsed_ms": "int", "rtc_irq_hz": "int"},
     "s3wake": {"facs": "int", "pm1a_evt": "int", "pm1a_cnt": "int", "state": "str"},
     "ipiping": {
         "iterations": "int", "cpus": "int", "bsp_apic_id": "int", "tsc_khz": "int",
