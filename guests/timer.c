@@ -6,11 +6,10 @@
  * As Linux's pit_calibrate_tsc(): port 0x61 bit 0 opens channel 2's gate
  * (bit 1, the speaker, stays off), the channel counts down 50 ms once in
  * mode 0, and its OUT pin, read back as port 0x61 bit 5, rises at zero.
- * The TSC ticks in between give its rate.  The rise is seen at the first
- * poll after it, so each try also measures the gap between its last two
- * polls (the error of that try) and is kept only if the gap is under
- * 1/500 of the window; a vCPU preempted at the wrong moment costs a retry,
- * not a wrong rate.
+ * The TSC ticks in between give its rate.  Each try also bounds its own
+ * error (the TSC brackets of the load and of the polls around the rise)
+ * and is kept only if that is under 1/500 of the window; a vCPU preempted
+ * at the wrong moment costs a retry, not a wrong rate.
  */
 #include "pc.h"
 
@@ -25,29 +24,36 @@
 #define CALIBRATE_MS      50
 #define CALIBRATE_COUNT   (PIT_HZ / 1000 * CALIBRATE_MS)  /* 59650 PIT ticks */
 #define CALIBRATE_POLLS   1000000       /* a PIT that never fires: give up */
-#define CALIBRATE_TRIES   5
+#define CALIBRATE_TRIES   8
 
 uint32_t tsc_khz;
 
-/* TSC ticks of one CALIBRATE_COUNT one-shot; *gap = the TSC ticks between
- * its last two polls.  0 if OUT2 was already high at the first poll (mode 0
- * drives it low from the command on, so: no PIT, whose port 0x61 reads
- * all-ones, or a vCPU preempted for the whole window) or never rose. */
-static uint64_t pit_one_shot(uint64_t *gap, int *never)
+/* TSC ticks of one CALIBRATE_COUNT one-shot; *error = how far off that can
+ * be.  Each port access is bracketed by TSC reads, because the moment the
+ * platform samples the PIT lies somewhere inside it (a vCPU preempted in an
+ * exit resumes long after the sample): the start lies in the bracket of the
+ * write that loads the count, the rise between the first sample of the last
+ * poll that saw OUT2 low and the end of the first that saw it high.  0 if
+ * OUT2 was already high at the first poll (mode 0 drives it low from the
+ * command on, so: no PIT, whose port 0x61 reads all-ones, or a vCPU
+ * preempted for the whole window) or never rose. */
+static uint64_t pit_one_shot(uint64_t *error, int *never)
 {
     outb(PORT_61, (uint8_t)((inb(PORT_61) & ~PORT_61_SPEAKER) | PORT_61_GATE2));
     outb(PIT_COMMAND, PIT_CH2_ONE_SHOT);
     outb(PIT_CH2_DATA, CALIBRATE_COUNT & 0xff);
+    uint64_t load_begin = rdtsc();
     outb(PIT_CH2_DATA, CALIBRATE_COUNT >> 8);   /* counting starts */
-    uint64_t start = rdtsc(), before = start;
+    uint64_t load_end = rdtsc(), low_begin = load_begin;
     for (uint32_t polls = 0; polls < CALIBRATE_POLLS; polls++) {
+        uint64_t begin = rdtsc();
         int risen = inb(PORT_61) & PORT_61_OUT2;
-        uint64_t now = rdtsc();
+        uint64_t end = rdtsc();
         if (risen) {
-            *gap = now - before;
-            return polls ? now - start : 0;
+            *error = (load_end - load_begin) + (end - low_begin);
+            return polls ? end - load_begin : 0;
         }
-        before = now;
+        low_begin = begin;
     }
     *never = 1;
     return 0;
@@ -55,17 +61,17 @@ static uint64_t pit_one_shot(uint64_t *gap, int *never)
 
 uint32_t tsc_calibrate_khz(void)
 {
-    uint64_t best = 0, best_gap = ~0ull;
+    uint64_t best = 0, best_error = ~0ull;
     int never = 0;
     for (int try = 0; try < CALIBRATE_TRIES && !never; try++) {
-        uint64_t gap = 0, ticks = pit_one_shot(&gap, &never);
+        uint64_t error = 0, ticks = pit_one_shot(&error, &never);
         if (!ticks)
             continue;
-        if (gap < best_gap) {
+        if (error < best_error) {
             best = ticks;
-            best_gap = gap;
+            best_error = error;
         }
-        if (gap * 500 < ticks)
+        if (error * 500 < ticks)
             break;                      /* precise enough */
     }
     /* best ticks in CALIBRATE_COUNT / PIT_HZ seconds, in kHz (0: no PIT) */
