@@ -66,7 +66,7 @@
 #define SECTOR          512
 #define CHUNK           16              /* sectors per command in the check */
 #define BENCH_SECTORS   8               /* 4 KiB per request */
-#define POLL_LIMIT      10000000u
+#define POLL_LIMIT      1000000u        /* status reads: each one an exit */
 #define RESET_TIMEOUT_MS 2000
 
 static uint16_t identify_words[256];
@@ -202,6 +202,9 @@ static void print_ata_string(const char *key, int first, int last)
 
 static int ata_reset(void)
 {
+    uint8_t floating = inb(ATA_STATUS);
+    if (floating == 0xff || floating == 0x7f)   /* nothing drives the bus (0x7f: DD7's pull-down) */
+        return fail(EXIT_MISSING, "no ATA device on the primary channel (status 0x%x)", floating);
     outb(ATA_CONTROL, CTL_NIEN | CTL_SRST);
     delay_us(5);                        /* SRST held at least 5 us */
     outb(ATA_CONTROL, CTL_NIEN);

@@ -243,6 +243,47 @@ def test_hob_reads_back_the_high_order_bytes(rig):
     assert [drv.inb(r) for r in (2, 3, 4, 5)] == [0x02, 0x9A, 0x78, 0x56]
 
 
+def _channel_state(channel: AtaChannel) -> tuple:
+    return (channel.status, channel.error, channel._pos, channel._end, channel._transfer, channel.irq_pending,
+            dict(channel.stats))
+
+
+@pytest.mark.parametrize("size, counts", [(2, [256] * 6), (2, [100, 300, 1000, 1]), (4, [128, 7, 1000]),
+                                          (2, [255, 1, 2, 500])], ids=["sectors", "ragged", "dwords", "odd"])
+def test_read_string_is_the_reads_one_by_one(disk, size, counts):
+    """REP INSW in one call (Bus.read_string): the same bytes, status and interrupts as word by word."""
+    path, image = disk
+    lines, channels = [Line(), Line()], []
+    for line in lines:
+        channel = AtaChannel(image, line)
+        Driver(channel).write_sectors(40, pattern(40, 3))
+        Driver(channel).task_file(40, 3, False)
+        channel.write(7, bytes([ata.READ_SECTORS]))
+        channels.append(channel)
+    bulk, single = channels
+    for count in counts:  # more than the transfer holds at the end: all ones, as on the bus
+        assert bulk.read_string(0, size, count) == b"".join(single.read(0, size) for _ in range(count))
+        assert _channel_state(bulk) == _channel_state(single)
+    assert lines[0].changes == lines[1].changes
+    assert bulk.read_string(7, 1, 3) == single.read(7, 1) * 3  # other registers: one by one
+
+
+def test_the_bus_hands_rep_ins_to_read_string(rig):
+    from pykvm.platform.bus import Bus
+    from pykvm.platform.vcpu_loop import dispatch
+    from pykvm import exits
+
+    drv, channel, _, _ = rig
+    bus = Bus("pio")
+    bus.register(0x1F0, 8, channel, "ide0")
+    drv.write_sectors(3, pattern(3, 2))
+    drv.task_file(3, 2, False)
+    drv.outb(7, ata.READ_SECTORS)
+    data = dispatch(exits.IoIn(0x1F0, 2, 512), bus, Bus("mmio"))  # two sectors in one exit
+    assert data == pattern(3, 2) and bus.stats["ide0"] == 512
+    assert drv.status() == DRDY | 0x10
+
+
 # --- errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [ata.READ_SECTORS, ata.WRITE_SECTORS, ata.READ_VERIFY])

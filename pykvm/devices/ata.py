@@ -253,6 +253,29 @@ class AtaChannel:
             return self._read_data(size)
         return bytes(self._read_register(offset + i) for i in range(size))
 
+    def read_string(self, offset: int, size: int, count: int) -> bytes:
+        """``count`` reads of ``size`` bytes at once (REP INSW/INSD: KVM hands over up to a page).
+
+        The bytes, and the state after, are those of ``count`` calls of
+        :meth:`read`; the data port's sector buffer is just sliced instead.
+        """
+        if offset != 0 or size not in (2, 4):
+            return b"".join(self.read(offset, size) for _ in range(count))
+        parts = []
+        while count:
+            left = self._end - self._pos
+            if not self._data_in() or left % size:
+                parts.append(self._read_data(size))  # no transfer, or an odd tail: word by word
+                count -= 1
+                continue
+            n = min(count, left // size)
+            pos, self._pos = self._pos, self._pos + n * size
+            parts.append(self._buf[pos:self._pos])
+            count -= n
+            if self._pos >= self._end:
+                self._block_read()
+        return b"".join(parts)
+
     def write(self, offset: int, data: bytes) -> None:
         if offset == 0 and len(data) in (2, 4):
             self._write_data(data)
@@ -305,9 +328,14 @@ class AtaChannel:
         # reg 0: an 8-bit write to the data port is dropped
 
     # -- PIO data ------------------------------------------------------------------------
+    def _data_in(self) -> bool:
+        """A PIO data-in block is ready for the host (DRQ, device 0)."""
+        return bool(self.status & DRQ) and self._transfer is not None and not self._transfer[0] \
+            and not self.device & DEV
+
     def _read_data(self, size: int) -> bytes:
         pos = self._pos
-        if self.status & DRQ == 0 or self._transfer is None or self._transfer[0] or self.device & DEV:
+        if not self._data_in():
             return b"\xff" * size  # no data-in transfer: nobody drives the bus
         self._pos = pos + size
         data = self._buf[pos:pos + size]
