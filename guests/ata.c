@@ -24,8 +24,9 @@
  * write, 4 random read, 8 random write; default 15), each timed with the
  * TSC: `bench: workload=NAME ops=K bytes=B cycles=C`.  The data port is
  * moved with `rep insw`/`rep outsw` as Linux's ata_sff_data_xfer does (KVM
- * then exits once per sector), or with `word=1` one `inw`/`outw` per 16
- * bits (one exit per 2 bytes: the textbook cost of full emulation).
+ * reads `rep insw` ahead, one exit per sector, but emulates `rep outsw` one
+ * word, one exit, at a time), or with `word=1` one `inw`/`outw` per 16 bits
+ * (one exit per 2 bytes both ways: the textbook cost of full emulation).
  *
  * `tsc_khz=K` gives the TSC rate instead of calibrating it against the PIT.
  *
@@ -209,9 +210,9 @@ static int ata_reset(void)
     delay_us(5);                        /* SRST held at least 5 us */
     outb(ATA_CONTROL, CTL_NIEN);
     delay_us(2000);                     /* BSY within 400 ns; the device has 2 ms before we look */
-    /* Select device 0 until it answers (ATA/ATAPI-6 9.2: after a reset a host
-     * re-selects the device; QEMU performs SRST later, in its main loop, and
-     * its reset may leave device 1 selected). */
+    /* Select device 0 until it answers: after a reset a host re-selects the
+     * device (Linux's ata_sff_wait_after_reset does); QEMU performs SRST
+     * later, in its main loop, and its reset may leave device 1 selected. */
     uint8_t status = 0;
     uint64_t deadline = deadline_ms(RESET_TIMEOUT_MS);
     do {

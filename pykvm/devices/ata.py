@@ -1,6 +1,6 @@
 """An ATA disk on a PC's primary IDE channel, PIO only: the fully emulated disk.
 
-The register interface is ATA/ATAPI-6's (T13 1410D, section 7) and the
+The register interface is ATA/ATAPI-6's (T13 1410D, the register chapter) and the
 commands are ATA8-ACS's (T13 1699-D).  The channel has two blocks of
 registers; the platform maps them at the PC's legacy ports (0x1f0-0x1f7 and
 0x3f6, IRQ 14: ``pykvm.platform.layout``), each as a device of its own
@@ -24,7 +24,7 @@ side effect), device control on writes (bit 1 nIEN, bit 2 SRST, bit 7 HOB:
 read the previous, "high order", byte of the 48-bit registers).
 
 Each of features, sector count and the LBA registers is a two-byte FIFO
-(ATA/ATAPI-6 6.20): a write moves the current byte to the high-order one.
+(the 48-bit address feature set): a write moves the current byte to the high-order one.
 An LBA48 command (READ/WRITE SECTORS EXT) takes a 16-bit count (0 means
 65536) and a 48-bit address from both; an LBA28 command a byte of count (0
 means 256) and 28 bits of address.
@@ -53,8 +53,8 @@ Errors: a command that reaches past the last sector ends with ERR and
 IDNF, before the image is touched; an image read that fails ends with ERR
 and UNC, a write the image refuses (read-only) with ERR and ABRT, and a
 host I/O error on write or flush with DF and ERR.  Device 1 is absent: with
-DEV set, status and error read 0 (ATA/ATAPI-6 9.16.1: device 0 answers for
-an absent device 1) and commands are ignored.
+DEV set, status and error read 0 (device 0 answers for an absent device 1,
+as QEMU's PIIX IDE does) and commands are ignored.
 
 The interrupt line, ``interrupt(level)``, is high while an interrupt is
 pending and nIEN is clear.  Device tests need no VM (``tests/test_ata.py``).
@@ -73,14 +73,14 @@ SECTOR = 512
 LBA28_MAX = (1 << 28) - 1  # sectors an LBA28 command can address (word 60-61's limit)
 CHS_HEADS, CHS_SECTORS, CHS_CYLINDERS_MAX = 16, 63, 16383
 
-# Status (ATA/ATAPI-6 7.15.6) and error (7.9.6) bits.
+# Status and error register bits (ATA/ATAPI-6's register descriptions).
 BSY, DRDY, DF, DSC, DRQ, ERR = 0x80, 0x40, 0x20, 0x10, 0x08, 0x01
 ABRT, IDNF, UNC = 0x04, 0x10, 0x40
-# Device control (7.8.6) and device register (7.10.6) bits.
+# Device control and device register bits.
 NIEN, SRST, HOB = 0x02, 0x04, 0x80
 DEV, LBA_MODE = 0x10, 0x40
 
-# Command codes (ATA8-ACS, table B.2).
+# Command codes (ATA8-ACS's command matrix).
 READ_SECTORS, READ_SECTORS_NORETRY, READ_SECTORS_EXT = 0x20, 0x21, 0x24
 WRITE_SECTORS, WRITE_SECTORS_NORETRY, WRITE_SECTORS_EXT = 0x30, 0x31, 0x34
 READ_VERIFY, READ_VERIFY_NORETRY, READ_VERIFY_EXT = 0x40, 0x41, 0x42
@@ -89,7 +89,7 @@ STANDBY_IMMEDIATE, IDLE_IMMEDIATE, CHECK_POWER_MODE = 0xE0, 0xE1, 0xE5
 FLUSH_CACHE, FLUSH_CACHE_EXT = 0xE7, 0xEA
 IDENTIFY_DEVICE, SET_FEATURES = 0xEC, 0xEF
 
-# SET FEATURES subcommands (ATA8-ACS 7.48, table 49).
+# SET FEATURES subcommands (ATA8-ACS, SET FEATURES).
 SF_WRITE_CACHE_ON, SF_WRITE_CACHE_OFF = 0x02, 0x82
 SF_TRANSFER_MODE = 0x03
 SF_LOOKAHEAD_OFF, SF_LOOKAHEAD_ON = 0x55, 0xAA
@@ -108,7 +108,7 @@ def _ata_string(text: str, length: int) -> bytes:
 
 def identify_block(sectors: int, *, serial: str, model: str, firmware: str,
                    write_cache: bool = True, lookahead: bool = True) -> bytes:
-    """The 512 bytes IDENTIFY DEVICE returns for a disk of ``sectors`` (ATA8-ACS 7.16, table 22).
+    """The 512 bytes IDENTIFY DEVICE returns for a disk of ``sectors`` (ATA8-ACS, IDENTIFY DEVICE's data table).
 
     A fixed ATA device with LBA and the 48-bit feature set, PIO modes 0-4,
     no DMA, no READ/WRITE MULTIPLE; word 255 carries the checksum, so the
@@ -195,7 +195,7 @@ class AtaChannel:
 
     # -- reset and signature -----------------------------------------------------
     def reset(self) -> None:
-        """Power-on or software reset: the ATA signature in the task file, DRDY (ATA/ATAPI-6 9.2)."""
+        """Power-on or software reset: the ATA signature in the task file, DRDY."""
         self._set_signature()
         self.error = 0x01  # diagnostic code: device 0 passed, device 1 not present
         self.status = DRDY | DSC
@@ -377,7 +377,7 @@ class AtaChannel:
         """The host has written a whole sector: it goes to the image, then DRQ for the next or completion."""
         _, lba, left = self._transfer
         try:
-            self.image.write(lba * SECTOR, self._buf)
+            self.image.write(lba * SECTOR, bytes(self._buf))  # the buffer is reused for the next sector
             if not self.write_cache:
                 self.image.flush()
         except ImageError as exc:
