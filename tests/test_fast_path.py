@@ -12,9 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+
 import pytest
 
 from pykvm import guests
+from pykvm.block import RawImage, create_image
 from pykvm.devices import FastRow
 from pykvm.platform.machine import Machine
 from pykvm.virtio.backends import MemoryBackend
@@ -39,14 +44,20 @@ SETUP = {
     "virtio64u": {"virtio": True},
     "virtio64": {"virtio": True, "irqchip": True},
     "spin16": {"timeout": 0.2}, "spin64": {"timeout": 0.2}, "spin64u": {"timeout": 0.2},
+    "ata": {"ide": True},
 }
 
 
 def run(name: str, c_loop: bool):
     setup = SETUP.get(name, {})
-    with Machine(memory="32M", c_loop=c_loop, irqchip=setup.get("irqchip", False)) as m:
+    with contextlib.ExitStack() as stack:
+        m = stack.enter_context(Machine(memory="32M", c_loop=c_loop, irqchip=setup.get("irqchip", False)))
         if setup.get("virtio"):
             m.add_virtio_console(Echo())
+        if setup.get("ide"):
+            path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "disk.raw")
+            create_image(path, "raw", 1 << 20)
+            m.add_ide_disk(stack.enter_context(RawImage.open(path)))
         m.load_guest(name, args=setup.get("args", (0, 0)))
         if "input" in setup:
             m.feed_serial(setup["input"])

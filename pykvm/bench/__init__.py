@@ -13,7 +13,7 @@ Output: Markdown tables on stdout, JSON (``--out``, default
 for CI; the full run takes a few minutes.
 
 Modules: :mod:`.exit_latency`, :mod:`.lifecycle`, :mod:`.memory`,
-:mod:`.startup`, :mod:`.io_models`, :mod:`.qemu`, :mod:`.raw` (build and
+:mod:`.startup`, :mod:`.io_models`, :mod:`.disk_models`, :mod:`.qemu`, :mod:`.raw` (build and
 drive ``rawbench.c``), :mod:`.report`.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["SECTIONS", "default_out_dir", "main"]
 
-SECTIONS = ("exits", "lifecycle", "memory", "startup", "io_models")
+SECTIONS = ("exits", "lifecycle", "memory", "startup", "io_models", "disk_models")
 DEFAULT_SECTIONS = SECTIONS
 
 
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small N and few reps: under a minute (CI)")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
-                        f"(default: all; io_models is also benchmarks/io_models.py)")
+                        f"(default: all; io_models and disk_models are also benchmarks/*.py)")
     p.add_argument("--out", type=Path, help="directory for JSON and PNG (default: benchmarks/results)")
     p.add_argument("--name", default="bench", help="file name stem of the results (default: bench)")
     p.add_argument("--reps", type=int, help="runs per measurement (default 21, quick 5; at least 5)")
@@ -103,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"pykvm bench: {problem}", file=sys.stderr)
         return 2
+    if "disk_models" in sections:
+        from pykvm.bench import disk_models
+
+        disk_args = (["--quick"] if args.quick else []) + (["--no-qemu"] if args.no_qemu else [])
+        disk_args += ["--out", str(out_dir)] + (["--no-chart"] if args.no_chart else [])
+        status = disk_models.main(disk_args)
+        sections = [s for s in sections if s != "disk_models"]
+        if not sections or status:
+            return status
     if "io_models" in sections:
         from pykvm.bench import io_models
 

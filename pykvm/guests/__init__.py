@@ -17,7 +17,7 @@ Every guest checks itself: it computes something and reports it on COM1
 and in EAX/RAX, so a test asserts a value, not just "it halted".
 
 The Multiboot PC guests (``format == "multiboot"``: mbinfo, smp, pcprobe,
-acpiscan, ipiping) are ELF32 kernels that QEMU's ``-M pc -kernel`` boots
+acpiscan, ipiping, ata) are ELF32 kernels that QEMU's ``-M pc -kernel`` boots
 unchanged.  They report lines ``key: value`` on COM1, ending with ``done: ok``
 or ``done: fail <why>``, and stop through isa-debug-exit at port 0xf4;
 :mod:`pykvm.guests.reports` parses the report.
@@ -341,6 +341,13 @@ GUESTS: dict[str, GuestInfo] = {
             "cycles per round trip; `iterations=N` on the command line",
             needs=("pc", "smp"),
             cmdline="iterations=1000",
+        ),
+        _multiboot(
+            "ata",
+            "drives the primary IDE channel's ATA disk by polled PIO: IDENTIFY, a pattern written over "
+            "`sectors=N` sectors, FLUSH CACHE, read back and compared (Adler-32s), the IDNF and ABRT "
+            "errors; `bench=1` times 4 KiB sequential/random reads and writes (`word=1`: inw/outw per word)",
+            cmdline="sectors=64",
         ),
     )
 }

@@ -1,4 +1,4 @@
-"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping), parsed.
+"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping, ata), parsed.
 
 Each guest writes lines ``key: value`` to COM1 (``guests/README.md`` lists
 every key): first ``guest: NAME``, last ``done: ok`` or ``done: fail
@@ -121,6 +121,14 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "iterations": "int", "cpus": "int", "bsp_apic_id": "int", "tsc_khz": "int",
         "ap_apic_id": "int", "vector": "int", "round_trips": "int", "tsc_cycles": "int",
         "cycles_per_round_trip": "int", "ns_per_round_trip": "int", "other_interrupts": "int",
+    },
+    "ata": {
+        "pio": "str", "tsc_khz": "int", "reset_status": "int", "signature": "ints", "slave_status": "int",
+        "model": "text", "serial": "text", "firmware": "text", "identify": "fields",
+        "capacity_sectors": "int", "capacity_bytes": "int", "after_identify_status": "int",
+        "check": "fields", "flush": "fields", "written_adler32": "int", "read_adler32": "int",
+        "mismatched_sectors": "int", "beyond_end": "fields", "identify_packet": "fields",
+        "bench_config": "fields", "bench": "fields[]",
     },
 }
 

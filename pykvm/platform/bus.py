@@ -181,6 +181,25 @@ class Bus:
             )
         return data
 
+    def read_string(self, address: int, size: int, count: int, rip: int | None = None) -> bytes:
+        """``count`` reads of ``size`` bytes at ``address`` (REP INS), in order.
+
+        A device with ``read_string(offset, size, count)`` answers them in one
+        call (an IDE data port hands over a sector); it must give the bytes,
+        and leave the state, that ``count`` calls of ``read`` would.
+        """
+        entry = self._cache.get(address, _MISS)
+        if entry is _MISS:
+            entry = self._range_at(address)
+        bulk = getattr(entry.device, "read_string", None) if entry is not None else None
+        if bulk is None or address + size > entry.end:
+            return b"".join(self.read(address, size, rip) for _ in range(count))
+        self.stats[entry.name] += count
+        data = bulk(address - entry.base, size, count)
+        if len(data) != size * count:
+            raise BusError(f"{entry.name} returned {len(data)} bytes for {count} reads of {size}")
+        return data
+
     def write(self, address: int, data: bytes, rip: int | None = None) -> None:
         """Write ``data`` at ``address``; ``rip`` is for error messages."""
         entry = self._cache.get(address, _MISS)

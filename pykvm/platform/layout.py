@@ -84,6 +84,10 @@ POST_PORT = 0x80
 SMI_CMD_PORT = 0xB2  # ACPI enable/disable handshake (FADT SMI_CMD)
 PC_TESTDEV_PORT = 0xE0  # QEMU's pc-testdev: 0xe0-0xeb
 DEBUG_EXIT_PORT = 0xF4  # isa-debug-exit as test harnesses configure it (QEMU's default is 0x501)
+IDE_PRIMARY_PORT = 0x1F0  # ATA command block: data, error/features, count, LBA low/mid/high, device, status
+IDE_PRIMARY_CONTROL_PORT = 0x3F6  # alternate status / device control (0x3f7 is the floppy's)
+IDE_SECONDARY_PORT = 0x170  # not populated by pykvm
+IDE_SECONDARY_CONTROL_PORT = 0x376
 COM_PORTS = (0x3F8, 0x2F8, 0x3E8, 0x2E8)  # COM1..COM4
 COM1_PORT = COM_PORTS[0]
 FW_CFG_PORT = 0x510  # selector (16-bit) at 0x510, data at 0x511
@@ -108,6 +112,7 @@ RTC_IRQ = 8
 SCI_IRQ = 9  # ACPI's system control interrupt
 MOUSE_IRQ = 12
 IDE_IRQS = (14, 15)
+IDE_PRIMARY_IRQ = IDE_IRQS[0]
 #: Lines the PC's own devices use; virtio devices get the others (5, 6, 7, 10, 11, 16-23).
 RESERVED_IRQS = {
     PIT_IRQ: "the PIT", KEYBOARD_IRQ: "the keyboard", CASCADE_IRQ: "the PIC cascade",

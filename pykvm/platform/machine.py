@@ -272,6 +272,12 @@ class Machine:
         bus.register(base, length, device, name)
         self.fastpath.adopt(device)
 
+    def add_ide_disk(self, image, **identity):
+        """An ATA disk on ``image`` (a BlockImage the caller owns) at the primary IDE channel (``platform.ide``)."""
+        from pykvm.platform.ide import attach_ide_disk
+
+        return attach_ide_disk(self, image, **identity)
+
     def remove_device(self, device) -> None:
         """Take ``device`` off whichever bus has it (its fast-path rows go with it)."""
         for bus in (self.pio, self.mmio):

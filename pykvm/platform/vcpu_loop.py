@@ -86,7 +86,8 @@ def dispatch(exit: exits.Exit, pio: Bus, mmio: Bus) -> bytes | None:
 
     A pure function of (exit, buses), tested without KVM.  REP string I/O
     (``count > 1``) is split into ``count`` accesses of ``size`` bytes, in
-    order, as the CPU would perform them.  Device stops (``DeviceStop``) and
+    order, as the CPU would perform them (a device may take REP INS's reads
+    in one call: ``Bus.read_string``).  Device stops (``DeviceStop``) and
     strict-bus errors propagate to the caller.
     """
     if isinstance(exit, exits.IoOut):
@@ -100,7 +101,7 @@ def dispatch(exit: exits.Exit, pio: Bus, mmio: Bus) -> bytes | None:
     if isinstance(exit, exits.IoIn):
         if exit.count == 1:
             return pio.read(exit.port, exit.size)
-        return b"".join(pio.read(exit.port, exit.size) for _ in range(exit.count))
+        return pio.read_string(exit.port, exit.size, exit.count)
     if isinstance(exit, exits.MmioWrite):
         mmio.write(exit.address, exit.data)
         return None
