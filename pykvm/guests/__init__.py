@@ -331,6 +331,13 @@ GUESTS: dict[str, GuestInfo] = {
             needs=("pc", "smp"),
             cmdline="iterations=1000",
         ),
+        _multiboot(
+            "blk",
+            "a virtio-blk driver (polling, requests in flight): writes a pattern over n blocks, flushes, "
+            "reads it back and prints both checksums; burst and benchmark modes (guests/blk.c); the device "
+            "from virtio_mmio.device= on the command line, else found by a scan",
+            needs=(),
+        ),
     )
 }
 

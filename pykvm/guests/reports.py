@@ -1,4 +1,4 @@
-"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping), parsed.
+"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping, blk), parsed.
 
 Each guest writes lines ``key: value`` to COM1 (``guests/README.md`` lists
 every key): first ``guest: NAME``, last ``done: ok`` or ``done: fail
@@ -115,6 +115,11 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "iterations": "int", "cpus": "int", "bsp_apic_id": "int", "tsc_khz": "int",
         "ap_apic_id": "int", "vector": "int", "round_trips": "int", "tsc_cycles": "int",
         "cycles_per_round_trip": "int", "ns_per_round_trip": "int", "other_interrupts": "int",
+    },
+    "blk": {
+        "device": "fields", "features": "int", "capacity": "int", "limits": "fields", "id": "fields",
+        "written": "fields", "flushed": "str", "read": "fields", "ro_write": "int", "bench": "fields",
+        "burst": "str[]",
     },
 }
 
