@@ -23,6 +23,9 @@
  *   span=    random modes: blocks to choose from, default n
  *   seed=    pattern / random seed, default 1
  *   depth=   requests in flight, 1..MAX_DEPTH, default 8
+ *   irq=1    wait for the device's interrupt (8259 PIC, the IRQ from
+ *            virtio_mmio.device=, below 16) instead of polling; prints
+ *            `interrupts: N` (wake-ups by the device) before `done:`
  *
  * verify: writes block k (spb sectors at start + k * stride) with the
  * pattern below, FLUSHes, reads every block back and compares.  The pattern
@@ -95,6 +98,44 @@ static struct vq rq;
 
 static uint32_t mode = MODE_VERIFY, nblocks = 64, spb = 8, stride, start, span, seed = 1, depth = 8, rnd;
 static uint32_t rng;   /* random block choice */
+static uint32_t use_irq, device_irq, interrupts, stray;
+
+/* --- interrupts (irq=1): the 8259 PIC, as a PC BIOS sets it up ------------ */
+#define PIC1_CMD  0x20
+#define PIC1_DATA 0x21
+#define PIC2_CMD  0xa0
+#define PIC2_DATA 0xa1
+#define PIC_EOI   0x20
+#define IRQ_BASE  0x20    /* vectors 0x20-0x2f */
+
+static void pic_init(uint32_t irq)
+{
+    outb(PIC1_CMD, 0x11);
+    outb(PIC2_CMD, 0x11);
+    outb(PIC1_DATA, IRQ_BASE);
+    outb(PIC2_DATA, IRQ_BASE + 8);
+    outb(PIC1_DATA, 0x04);
+    outb(PIC2_DATA, 0x02);
+    outb(PIC1_DATA, 0x01);
+    outb(PIC2_DATA, 0x01);
+    outb(PIC1_DATA, (uint8_t)(irq < 8 ? ~(1u << irq) : ~(1u << 2)));
+    outb(PIC2_DATA, (uint8_t)(irq < 8 ? 0xff : ~(1u << (irq - 8))));
+}
+
+/* Sleep until an interrupt; for the device's, acknowledge it (its level-triggered line goes low), then EOI. */
+static void sleep_for_device(void)
+{
+    uint32_t vector = wait_for_interrupt();
+    if (vector == IRQ_BASE + device_irq) {
+        interrupts++;
+        vdev_ack_interrupt(&dev);
+    } else {
+        stray++;
+    }
+    if (vector >= IRQ_BASE + 8)
+        outb(PIC2_CMD, PIC_EOI);
+    outb(PIC1_CMD, PIC_EOI);
+}
 
 static uint32_t xorshift(uint32_t *state)
 {
@@ -171,7 +212,10 @@ static int wait_one(uint32_t *len)
     for (uint32_t polls = 0; polls < POLL_LIMIT; polls++) {
         if (vq_get_used(&rq, &head, len))
             return (int)(head / 3);
-        cpu_relax();
+        if (use_irq)
+            sleep_for_device();  /* an interrupt that came meanwhile is pending in the PIC: no wake-up is lost */
+        else
+            cpu_relax();
     }
     return -1;
 }
@@ -313,6 +357,11 @@ static int verify(uint32_t features)
         for (uint32_t k = 0; k < nblocks; k++)
             if (read_hash[k] != write_hash[k])
                 return fail(EXIT_FAIL, "block %u (sector %llu) reads back differently", k, block_sector(k));
+    if (use_irq) {
+        print("interrupts: %u\n", interrupts);
+        if (!interrupts || stray)
+            return fail(EXIT_FAIL, "%u device interrupts, %u stray ones", interrupts, stray);
+    }
     return done_ok();
 }
 
@@ -365,6 +414,8 @@ static int bench(void)
     uint64_t t1 = rdtsc();
     print("bench: mode=%u requests=%u bytes=%llu tsc=%llu\n", mode, nblocks,
           (uint64_t)nblocks * spb * 512, t1 - t0);
+    if (use_irq)
+        print("interrupts: %u\n", interrupts);
     return done_ok();
 }
 
@@ -382,6 +433,7 @@ int guest_main(const struct multiboot_info *mbi)
     cmdline_u32(cmdline, "seed", &seed);
     cmdline_u32(cmdline, "depth", &depth);
     cmdline_u32(cmdline, "rand", &rnd);
+    cmdline_u32(cmdline, "irq", &use_irq);
     rng = seed ? seed : 1;
     if (mode > MODE_RAND_WRITE || !spb || spb > MAX_SPB || !depth || depth > MAX_DEPTH || !nblocks || !span
         || (mode == MODE_VERIFY && nblocks > MAX_BLOCKS))
@@ -394,12 +446,19 @@ int guest_main(const struct multiboot_info *mbi)
     if (!find_device(cmdline, &base, &irq, &how))
         return fail(EXIT_MISSING, "no virtio-blk device (%s)", how);
     print("device: base=0x%x irq=%u from=%s\n", (uint32_t)base, irq, how);
+    if (use_irq) {
+        if (!irq || irq >= 16 || irq == 2)
+            return fail(EXIT_MISSING, "irq=1 needs the device's IRQ (1-15) from virtio_mmio.device=");
+        device_irq = irq;
+        pic_init(irq);
+    }
     int err = vdev_negotiate(&dev, base, VIRTIO_ID_BLOCK, WANTED, &features);
     if (err)
         return fail(EXIT_FAIL, "feature negotiation failed (code %d)", -err);
     if ((err = vq_setup(&dev, &rq, 0, ring_mem, QSIZE)) != 0)
         return fail(EXIT_FAIL, "queue set-up failed (code %d)", -err);
-    rq.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;  /* 2.7.7: this driver polls */
+    if (!use_irq)
+        rq.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;  /* 2.7.7: a polling driver asks not to be interrupted */
     if ((err = vdev_driver_ok(&dev)) != 0)
         return fail(EXIT_FAIL, "DRIVER_OK refused (code %d)", -err);
     uint64_t capacity = vdev_config32(&dev, 0) | (uint64_t)vdev_config32(&dev, 4) << 32;

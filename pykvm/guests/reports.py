@@ -119,6 +119,7 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
     "blk": {
         "device": "fields", "features": "int", "capacity": "int", "limits": "fields", "id": "fields",
         "written": "fields", "flushed": "str", "read": "fields", "ro_write": "int", "bench": "fields",
+        "interrupts": "int",
         "burst": "str[]",
     },
 }
