@@ -39,6 +39,7 @@ SETUP = {
     "virtio64u": {"virtio": True},
     "virtio64": {"virtio": True, "irqchip": True},
     "spin16": {"timeout": 0.2}, "spin64": {"timeout": 0.2}, "spin64u": {"timeout": 0.2},
+    "blk": {"disk": True},  # finds the disk by its scan (no command line), verifies 64 blocks
 }
 
 
@@ -47,6 +48,14 @@ def run(name: str, c_loop: bool):
     with Machine(memory="32M", c_loop=c_loop, irqchip=setup.get("irqchip", False)) as m:
         if setup.get("virtio"):
             m.add_virtio_console(Echo())
+        if setup.get("disk"):
+            import tempfile
+
+            from pykvm.block import open_image
+
+            with tempfile.NamedTemporaryFile(suffix=".raw") as f:
+                f.truncate(1 << 20)
+                m.add_virtio_blk(open_image(f.name, format="raw"))  # the open image outlives the name
         m.load_guest(name, args=setup.get("args", (0, 0)))
         if "input" in setup:
             m.feed_serial(setup["input"])
