@@ -38,8 +38,8 @@ from pykvm.values import Value
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")  # pykvm.block.hostfile.CACHE_MODES
 FORMATS = ("raw", "qcow2")
 KEYS = ("file", "if", "format", "cache", "readonly", "media", "id", "index")
-#: if= values pykvm attaches; every other interface QEMU knows is refused by NOT_EMULATED.
-INTERFACES = ("virtio", "none")
+#: if= values QEMU knows that pykvm does not emulate (one line, exit 2).  To add an interface: an
+#: ``_attach_<if>`` function below, its name in :data:`INTERFACES`, and out of this list.
 NOT_EMULATED = ("ide", "scsi", "floppy", "sd", "mtd", "pflash", "xen", "virtio-ccw")
 DEFAULT_INTERFACE = "ide"  # QEMU's for -drive without if= on a PC
 BLK_DEVICES = ("virtio-blk-device", "virtio-blk")
@@ -143,36 +143,58 @@ def check_drives(drives: list[Drive], devices: list) -> None:
         used.add(name)
 
 
-def attach_drives(session) -> str:
-    """Open every drive and put it on the machine; return the ``virtio_mmio.device=`` words for the kernel."""
+def open_drive(drive: Drive):
+    """The drive's image, opened as its options say (a probed format is announced, as QEMU warns)."""
     from pykvm.block import open_image, probe_format
     from pykvm.cli.status import stderr
     from pykvm.errors import ImageError
+
+    try:
+        fmt = drive.format
+        if fmt is None:
+            fmt = probe_format(drive.file)
+            stderr(f"pykvm: warning: image format was not specified for {drive.file!r} and probing guessed "
+                   f"{fmt}; name it (format={fmt}) for images a guest writes")
+        return open_image(drive.file, format=fmt, read_only=drive.read_only, cache=drive.cache)
+    except ImageError as exc:
+        raise UsageError(f"{drive.option} file={drive.file}: {exc}") from None
+
+
+def _attach_virtio(machine, drive: Drive, name: str, serial: str = "") -> str:
+    """A virtio-blk device on the drive; its ``virtio_mmio.device=`` word."""
     from pykvm.virtio import linux_cmdline
 
+    image = open_drive(drive)
+    try:
+        _, transport = machine.add_virtio_blk(image, read_only=drive.read_only, serial=serial,
+                                              name=f"virtio-blk-{name}")
+    except BaseException:
+        image.close()
+        raise
+    slot = next(s for s in machine.virtio_devices if s.transport is transport)
+    return linux_cmdline(slot.base, slot.irq)
+
+
+def _attach_none(machine, drive: Drive, name: str, device=None) -> str:
+    """if=none: the drive belongs to the ``-device`` naming it (virtio-blk-device), or to nobody."""
+    if device is None:
+        return ""  # declared and unused, as QEMU allows
+    return _attach_virtio(machine, drive, name, device.props.get("serial", ""))
+
+
+#: if= -> how a drive of that interface goes on the machine: (machine, drive, name[, device]) -> kernel words.
+INTERFACES = {"virtio": _attach_virtio, "none": _attach_none}
+
+
+def attach_drives(session) -> str:
+    """Put every drive on the machine, in command-line order; the kernel command-line words they need."""
     config, machine = session.config, session.machine
-    serials = {d.props["drive"]: d.props.get("serial", "") for d in config.devices
-               if d.driver in BLK_DEVICES and "drive" in d.props}
+    devices = {d.props["drive"]: d for d in config.devices if d.driver in BLK_DEVICES and "drive" in d.props}
     words = []
     for n, drive in enumerate(config.drives):
-        if drive.interface == "none" and drive.id not in serials:
-            continue  # declared and unused, as QEMU allows
-        try:
-            fmt = drive.format
-            if fmt is None:
-                fmt = probe_format(drive.file)
-                stderr(f"pykvm: warning: image format was not specified for {drive.file!r} and probing guessed "
-                       f"{fmt}; name it (format={fmt}) for images a guest writes")
-            image = open_image(drive.file, format=fmt, read_only=drive.read_only, cache=drive.cache)
-        except ImageError as exc:
-            raise UsageError(f"{drive.option} file={drive.file}: {exc}") from None
-        name = f"virtio-blk{n}" + (f"-{drive.id}" if drive.id else "")
-        try:
-            _, transport = machine.add_virtio_blk(image, read_only=drive.read_only,
-                                                  serial=serials.get(drive.id, ""), name=name)
-        except BaseException:
-            image.close()
-            raise
-        slot = next(s for s in machine.virtio_devices if s.transport is transport)
-        words.append(linux_cmdline(slot.base, slot.irq))
-    return " ".join(words)
+        name = drive.id or f"drive{n}"
+        if drive.interface == "none":
+            words.append(_attach_none(machine, drive, name, devices.get(drive.id)))
+        else:
+            words.append(INTERFACES[drive.interface](machine, drive, name))
+    return " ".join(w for w in words if w)
