@@ -330,7 +330,8 @@ def run_config(parsed: Parsed) -> RunConfig:
     c.name = parsed.get("name", "")
     c.devices = [_device(t) for t in parsed.all("device")]
     c.globals = [_global(t) for t in parsed.all("global")]
-    if "drive" in parsed or "hda" in parsed or any(d.driver in ("virtio-blk-device", "virtio-blk") for d in c.devices):
+    blk_devices = any(d.driver in ("virtio-blk-device", "virtio-blk") for d in c.devices)
+    if "drive" in parsed or "hda" in parsed or blk_devices:
         from pykvm.cli.drives import check_drives, hda, parse_drive
 
         c.drives = [hda(t) for t in parsed.all("hda")] + [parse_drive(t) for t in parsed.all("drive")]

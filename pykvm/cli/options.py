@@ -34,7 +34,7 @@ RUN_OPTIONS: list[Option] = [
            "writethrough|none|unsafe|directsync,readonly=on|off,media=disk,id=ID", repeat=True),
     Option(("-hda",), "FILE", "an IDE disk: not emulated (use -drive file=FILE,if=virtio)", repeat=True),
     Option(("-global",), "DRIVER.PROP=VALUE", "kvm-pit.lost_tick_policy=delay|discard, "
-           "isa-debug-exit.iobase=, isa-debug-exit.iosize=", repeat=True),
+           "isa-debug-exit.iobase=, isa-debug-exit.iosize=, virtio-mmio.force-legacy=false", repeat=True),
     Option(("-nodefaults",), None, "no default serial console and monitor (the debug-exit and POST ports "
            "stay)"),
     Option(("-no-reboot",), None, "a reset ends the run (pykvm's behaviour anyway)", dest="no_reboot"),
