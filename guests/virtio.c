@@ -17,15 +17,25 @@ static void reg_write(struct vdev *d, uint32_t offset, uint32_t value)
     mmio_write32(d->base + offset, value);
 }
 
-int vdev_probe(uintptr_t base)
+int vdev_probe_id(uintptr_t base, uint32_t device_id)
 {
     if (mmio_read32(base + VIRTIO_MAGIC_VALUE) != VIRTIO_MAGIC)
         return -VERR_NO_DEVICE;
     if (mmio_read32(base + VIRTIO_VERSION) != 2)
         return -VERR_VERSION;
-    if (mmio_read32(base + VIRTIO_DEVICE_ID) != VIRTIO_ID_CONSOLE)
+    if (mmio_read32(base + VIRTIO_DEVICE_ID) != device_id)
         return -VERR_DEVICE_ID;
     return 0;
+}
+
+int vdev_probe(uintptr_t base)
+{
+    return vdev_probe_id(base, VIRTIO_ID_CONSOLE);
+}
+
+uint32_t vdev_config32(struct vdev *d, uint32_t offset)
+{
+    return mmio_read32(d->base + VIRTIO_CONFIG + offset);
 }
 
 uint32_t vdev_status(struct vdev *d)
@@ -53,8 +63,9 @@ int vdev_reset(struct vdev *d)
 }
 
 /* 4.2.3.2: tell the device where queue ``index`` lives and enable it. */
-static int setup_queue(struct vdev *d, struct vq *q, uint16_t index, uint8_t *mem, uint16_t size)
+int vq_setup(struct vdev *d, struct vq *q, uint16_t index, void *ring_mem, uint16_t size)
 {
+    uint8_t *mem = ring_mem;
     reg_write(d, VIRTIO_QUEUE_SEL, index);
     if (reg_read(d, VIRTIO_QUEUE_READY) != 0)
         return -VERR_QUEUE;
@@ -83,13 +94,13 @@ static int setup_queue(struct vdev *d, struct vq *q, uint16_t index, uint8_t *me
     return 0;
 }
 
-int vdev_init(struct vdev *d, uintptr_t base, void *ring_mem, uint16_t qsize, int interrupts)
+int vdev_negotiate(struct vdev *d, uintptr_t base, uint32_t device_id, uint32_t wanted, uint32_t *accepted)
 {
-    int err = vdev_probe(base);
+    int err = vdev_probe_id(base, device_id);
     if (err)
         return err;
     d->base = base;
-    /* 3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK. */
+    /* 3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (queues and DRIVER_OK follow). */
     if ((err = vdev_reset(d)) != 0)
         return err;
     set_status(d, STATUS_ACKNOWLEDGE);
@@ -97,30 +108,47 @@ int vdev_init(struct vdev *d, uintptr_t base, void *ring_mem, uint16_t qsize, in
     reg_write(d, VIRTIO_DEVICE_FEATURES_SEL, 1);
     if (!(reg_read(d, VIRTIO_DEVICE_FEATURES) & 1))  /* bit 32: VIRTIO_F_VERSION_1 */
         return -VERR_NO_VERSION1;
-    /* Accept VERSION_1 and nothing else: no console size, no multiport, no
-     * emergency write, no indirect descriptors, no event index. */
+    reg_write(d, VIRTIO_DEVICE_FEATURES_SEL, 0);
+    uint32_t taken = reg_read(d, VIRTIO_DEVICE_FEATURES) & wanted;
     reg_write(d, VIRTIO_DRIVER_FEATURES_SEL, 0);
-    reg_write(d, VIRTIO_DRIVER_FEATURES, 0);
+    reg_write(d, VIRTIO_DRIVER_FEATURES, taken);
     reg_write(d, VIRTIO_DRIVER_FEATURES_SEL, 1);
     reg_write(d, VIRTIO_DRIVER_FEATURES, 1);
     set_status(d, STATUS_FEATURES_OK);
     if (!(reg_read(d, VIRTIO_STATUS) & STATUS_FEATURES_OK))
         return -VERR_FEATURES;
-    uint8_t *mem = ring_mem;
-    if ((err = setup_queue(d, &d->rx, 0, mem, qsize)) != 0)
+    if (accepted)
+        *accepted = taken;
+    return 0;
+}
+
+int vdev_driver_ok(struct vdev *d)
+{
+    set_status(d, STATUS_DRIVER_OK);
+    uint32_t status = reg_read(d, VIRTIO_STATUS);
+    if (!(status & STATUS_DRIVER_OK) || (status & (STATUS_NEEDS_RESET | STATUS_FAILED)))
+        return -VERR_DRIVER_OK;
+    return 0;
+}
+
+int vdev_init(struct vdev *d, uintptr_t base, void *ring_mem, uint16_t qsize, int interrupts)
+{
+    /* Accept VERSION_1 and nothing else: no console size, no multiport, no
+     * emergency write, no indirect descriptors, no event index. */
+    int err = vdev_negotiate(d, base, VIRTIO_ID_CONSOLE, 0, 0);
+    if (err)
         return err;
-    if ((err = setup_queue(d, &d->tx, 1, mem + VQ_MEM_SIZE, qsize)) != 0)
+    uint8_t *mem = ring_mem;
+    if ((err = vq_setup(d, &d->rx, 0, mem, qsize)) != 0)
+        return err;
+    if ((err = vq_setup(d, &d->tx, 1, mem + VQ_MEM_SIZE, qsize)) != 0)
         return err;
     if (!interrupts) {
         /* 2.7.7: a polling driver asks not to be interrupted. */
         d->rx.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
         d->tx.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
     }
-    set_status(d, STATUS_DRIVER_OK);
-    uint32_t status = reg_read(d, VIRTIO_STATUS);
-    if (!(status & STATUS_DRIVER_OK) || (status & (STATUS_NEEDS_RESET | STATUS_FAILED)))
-        return -VERR_DRIVER_OK;
-    return 0;
+    return vdev_driver_ok(d);
 }
 
 uint32_t vdev_ack_interrupt(struct vdev *d)
@@ -138,8 +166,13 @@ void vq_post(struct vq *q, uint16_t id, uint64_t addr, uint32_t len, int writabl
     desc->len = len;
     desc->flags = writable ? VIRTQ_DESC_F_WRITE : 0;
     desc->next = 0;
-    q->avail->ring[q->avail_idx % q->size] = id;
-    barrier();  /* 2.7.13: the ring entry before the index that covers it */
+    vq_publish(q, id);
+}
+
+void vq_publish(struct vq *q, uint16_t head)
+{
+    q->avail->ring[q->avail_idx % q->size] = head;
+    barrier();  /* 2.7.13: the descriptors and ring entry before the index that covers them */
     q->avail_idx++;
     q->avail->idx = q->avail_idx;
 }

@@ -1,6 +1,8 @@
 /*
  * virtio.h - a minimal virtio-mmio driver for virtio-console (virtio 1.x,
- * section numbers refer to the OASIS spec, as in pykvm/virtio/).
+ * section numbers refer to the OASIS spec, as in pykvm/virtio/), and the
+ * device-independent steps other drivers (blk.c) build on.  Builds for the
+ * 64-bit C guests (guest.h) and the 32-bit Multiboot guests (rt32.h).
  *
  * What it does: find the device by MagicValue/Version/DeviceID (4.2.2),
  * reset it and negotiate VIRTIO_F_VERSION_1 only (3.1.1), set up port 0's
@@ -11,7 +13,11 @@
 #ifndef VIRTIO_H
 #define VIRTIO_H
 
-#include "guest.h"
+#ifdef __x86_64__
+# include "guest.h"
+#else
+# include "rt32.h"
+#endif
 
 /* Registers (4.2.2). */
 #define VIRTIO_MAGIC_VALUE      0x000
@@ -36,7 +42,10 @@
 #define VIRTIO_QUEUE_DEVICE_LOW 0x0a0
 #define VIRTIO_QUEUE_DEVICE_HIGH 0x0a4
 
+#define VIRTIO_CONFIG           0x100  /* the device-specific configuration space */
+
 #define VIRTIO_MAGIC 0x74726976  /* "virt" */
+#define VIRTIO_ID_BLOCK   2
 #define VIRTIO_ID_CONSOLE 3
 
 /* Device status (2.1). */
@@ -113,6 +122,17 @@ struct vdev {
 
 /* Check for a virtio-console at ``base``; 0 or -VERR_*. */
 int vdev_probe(uintptr_t base);
+/* Check for a virtio-mmio version 2 device of type ``device_id`` at ``base``; 0 or -VERR_*. */
+int vdev_probe_id(uintptr_t base, uint32_t device_id);
+/* 3.1.1 steps 1-6 for any device type: probe, reset, ACKNOWLEDGE, DRIVER,
+ * accept ``wanted`` & what the device offers of feature bits 0-31 (in
+ * *accepted) plus VIRTIO_F_VERSION_1, FEATURES_OK and check it stuck. */
+int vdev_negotiate(struct vdev *d, uintptr_t base, uint32_t device_id, uint32_t wanted, uint32_t *accepted);
+/* 4.2.3.2: set up queue ``index`` of ``size`` entries in ``mem`` (VQ_MEM_SIZE bytes, 4 KiB aligned). */
+int vq_setup(struct vdev *d, struct vq *q, uint16_t index, void *mem, uint16_t size);
+/* Set DRIVER_OK and check the device is live (3.1.1 step 8). */
+int vdev_driver_ok(struct vdev *d);
+uint32_t vdev_config32(struct vdev *d, uint32_t offset);
 /* Reset, negotiate, set up both queues of ``qsize`` entries in ``ring_mem``
  * (2 * VQ_MEM_SIZE bytes, 4 KiB aligned, zeroed here) and set DRIVER_OK.
  * ``interrupts`` = 0 asks the device not to interrupt (polling driver). */
@@ -126,6 +146,8 @@ uint32_t vdev_status(struct vdev *d);
 /* Make buffer ``id`` (``len`` bytes at ``addr``) available; ``writable``
  * for a receive buffer.  Does not notify. */
 void vq_post(struct vq *q, uint16_t id, uint64_t addr, uint32_t len, int writable);
+/* Make the chain at descriptor ``head`` (already written) available. */
+void vq_publish(struct vq *q, uint16_t head);
 /* Tell the device about posted buffers (QueueNotify). */
 void vq_kick(struct vdev *d, struct vq *q);
 /* Take the next used element: 1 and its id/len, or 0 when there is none. */

@@ -45,6 +45,7 @@ SETUP = {
     "virtio64": {"virtio": True, "irqchip": True},
     "spin16": {"timeout": 0.2}, "spin64": {"timeout": 0.2}, "spin64u": {"timeout": 0.2},
     "ata": {"ide": True},
+    "blk": {"disk": True},  # finds the disk by its scan (no command line), verifies 64 blocks
 }
 
 
@@ -58,6 +59,10 @@ def run(name: str, c_loop: bool):
             path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "disk.raw")
             create_image(path, "raw", 1 << 20)
             m.add_ide_disk(stack.enter_context(RawImage.open(path)))
+        if setup.get("disk"):
+            path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "blk.raw")
+            create_image(path, "raw", 1 << 20)
+            m.add_virtio_blk(stack.enter_context(RawImage.open(path)))
         m.load_guest(name, args=setup.get("args", (0, 0)))
         if "input" in setup:
             m.feed_serial(setup["input"])

@@ -239,8 +239,8 @@ MULTIBOOT_GUESTS = sorted(name for name in guests.names() if guests.info(name).f
 
 
 def test_every_multiboot_guest_has_a_schema():
-    assert MULTIBOOT_GUESTS == sorted(GUEST_SCHEMAS) == ["acpiscan", "ata", "ipiping", "mbinfo", "pcprobe", "rtcirq",
-                                                         "s3wake", "smp"]
+    assert MULTIBOOT_GUESTS == sorted(GUEST_SCHEMAS) == ["acpiscan", "ata", "blk", "ipiping", "mbinfo", "pcprobe",
+                                                         "rtcirq", "s3wake", "smp"]
     for name in MULTIBOOT_GUESTS:
         info = guests.info(name)
         assert info.stop == "debug-exit" and info.file_name == f"{name}.elf" and info.cpl == 0

@@ -17,7 +17,7 @@ MAX_CPUS = 255  # xAPIC IDs; the MADT pykvm builds takes no x2APIC entries
 MACHINE_TYPES = ("pc", "microvm")
 IRQCHIP_MODES = ("on", "off", "split")
 DEVICE_DRIVERS = ("isa-debug-exit", "virtio-serial-device", "virtio-serial", "virtconsole", "pc-testdev",
-                  "pci-testdev")
+                  "pci-testdev", "virtio-blk-device", "virtio-blk")
 DEFAULT_MEMORY = 128 << 20  # QEMU's
 
 
@@ -42,7 +42,7 @@ class RunConfig(Value):
         "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
         "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
         "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
-        "monitor_script", "summary", "stats", "stats_json",
+        "monitor_script", "summary", "stats", "stats_json", "drives",
     )
     __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
 
@@ -81,6 +81,7 @@ class RunConfig(Value):
         summary: bool = False,
         stats: bool = False,
         stats_json: str | None = None,
+        drives: list | None = None,
     ) -> None:
         self.guest = guest
         self.kernel = kernel
@@ -116,6 +117,7 @@ class RunConfig(Value):
         self.summary = summary
         self.stats = stats
         self.stats_json = stats_json
+        self.drives = [] if drives is None else drives  # pykvm.cli.drives.Drive, checked
 
 
 def number(text: str, what: str) -> int:
@@ -328,6 +330,12 @@ def run_config(parsed: Parsed) -> RunConfig:
     c.name = parsed.get("name", "")
     c.devices = [_device(t) for t in parsed.all("device")]
     c.globals = [_global(t) for t in parsed.all("global")]
+    blk_devices = any(d.driver in ("virtio-blk-device", "virtio-blk") for d in c.devices)
+    if "drive" in parsed or "hda" in parsed or blk_devices:
+        from pykvm.cli.drives import check_drives, hda, parse_drive
+
+        c.drives = [hda(t) for t in parsed.all("hda")] + [parse_drive(t) for t in parsed.all("drive")]
+        check_drives(c.drives, c.devices)
     for text in parsed.all("chardev"):
         ident, kind, props = _chardev(text)
         if ident in c.chardevs:

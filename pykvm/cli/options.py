@@ -29,9 +29,12 @@ RUN_OPTIONS: list[Option] = [
     Option(("-enable-kvm",), None, "the same as -accel kvm", dest="enable_kvm"),
     Option(("-name",), "NAME", "the VM's name (shown by the monitor's info name)"),
     Option(("-device",), "DRIVER[,...]", "isa-debug-exit,iobase=,iosize=; virtio-serial-device; "
-           "virtconsole,chardev=ID; pc-testdev; pci-testdev (-M pc)", repeat=True),
+           "virtconsole,chardev=ID; virtio-blk-device,drive=ID; pc-testdev; pci-testdev (-M pc)", repeat=True),
+    Option(("-drive",), "file=F[,...]", "a disk: file=F,if=virtio|none,format=raw|qcow2,cache=writeback|"
+           "writethrough|none|unsafe|directsync,readonly=on|off,media=disk,id=ID", repeat=True),
+    Option(("-hda",), "FILE", "an IDE disk: not emulated (use -drive file=FILE,if=virtio)", repeat=True),
     Option(("-global",), "DRIVER.PROP=VALUE", "kvm-pit.lost_tick_policy=delay|discard, "
-           "isa-debug-exit.iobase=, isa-debug-exit.iosize=", repeat=True),
+           "isa-debug-exit.iobase=, isa-debug-exit.iosize=, virtio-mmio.force-legacy=false", repeat=True),
     Option(("-nodefaults",), None, "no default serial console and monitor (the debug-exit and POST ports "
            "stay)"),
     Option(("-no-reboot",), None, "a reset ends the run (pykvm's behaviour anyway)", dest="no_reboot"),

@@ -76,6 +76,7 @@ class Session:
         self.virtio_on_terminal = False
         self.extra_serials: list[Endpoint] = []  # COM2..COM4
         self.debug_exit_defaults: dict[str, str] = {}  # -global isa-debug-exit.PROP=VALUE
+        self.drive_cmdline = ""  # virtio_mmio.device= words of the -drive disks, for the kernel
         self._signals = None
         self._stop_reason: str | None = None
         self.stop_signal: int | None = None  # the signal that ended the run, if one did
@@ -260,9 +261,14 @@ class Session:
                 m.vm.reinject_control(value == "delay")  # KVM_REINJECT_CONTROL
             elif driver == "isa-debug-exit" and prop in ("iobase", "iosize"):
                 self.debug_exit_defaults[prop] = value
+            elif (driver, prop) == ("virtio-mmio", "force-legacy"):
+                if value not in ("false", "off", "no"):
+                    raise UsageError(f"-global virtio-mmio.force-legacy={value}: pykvm's virtio-mmio is version 2 "
+                                     "(virtio 1.x) only; use force-legacy=false")
             else:
                 raise UsageError(f"-global {driver}.{prop}: pykvm has no such property (it has "
-                                 "kvm-pit.lost_tick_policy, isa-debug-exit.iobase, isa-debug-exit.iosize)")
+                                 "kvm-pit.lost_tick_policy, isa-debug-exit.iobase, isa-debug-exit.iosize, "
+                                 "virtio-mmio.force-legacy)")
 
     def _add_devices(self) -> None:
         from pykvm.devices import DebugExit
@@ -270,6 +276,10 @@ class Session:
         c, m = self.config, self.machine
         if "virtio-echo" in self._needs():
             m.add_virtio_console(Echo())
+        if c.drives:
+            from pykvm.cli.drives import attach_drives
+
+            self.drive_cmdline = attach_drives(self)
         consoles = [d for d in c.devices if d.driver == "virtconsole"]
         for device in c.devices:
             if device.driver == "isa-debug-exit":
@@ -322,10 +332,11 @@ class Session:
         c, m = self.config, self.machine
         try:
             if c.guest is not None:
-                if c.append or c.initrd:
+                if c.append or c.initrd or (self.drive_cmdline and self.info.format == "multiboot"):
                     if self.info.format != "multiboot":
                         raise UsageError(f"-append and -initrd go with a kernel; {c.guest} takes --args")
-                    m.load_image(guests.file(c.guest), format="multiboot", cmdline=c.append or self.info.cmdline,
+                    m.load_image(guests.file(c.guest), format="multiboot",
+                                 cmdline=self._cmdline(c.append or self.info.cmdline),
                                  modules=self._modules(split_initrd), name=c.guest)
                 else:
                     m.load_guest(c.guest, args=c.args)
@@ -333,13 +344,17 @@ class Session:
                 if c.format == "auto" and (c.load_addr is not None or c.mode is not None):
                     self._refuse_flat_options_on_a_kernel()
                 m.load_image(c.kernel, format=c.format, mode=c.mode, load_addr=c.load_addr, args=c.args,
-                             cmdline=c.append, modules=self._modules(split_initrd))
+                             cmdline=self._cmdline(c.append), modules=self._modules(split_initrd))
         except (LoaderError, GuestNotFound, GuestNotBuilt) as exc:
             raise UsageError(str(exc)) from None
         except ModeNotSupported as exc:
             stderr(f"pykvm run: cannot run on this host: {exc}")
             return EXIT_HOST_CANNOT
         return None
+
+    def _cmdline(self, append: str) -> str:
+        """The kernel's command line: -append, then the -drive disks' virtio_mmio.device= (as QEMU microvm adds)."""
+        return " ".join(part for part in (append, self.drive_cmdline) if part)
 
     def _refuse_flat_options_on_a_kernel(self) -> None:
         """--mode/--load-addr mean a flat image: an ELF or a kernel given them would run its own headers."""

@@ -349,6 +349,13 @@ GUESTS: dict[str, GuestInfo] = {
             "errors; `bench=1` times 4 KiB sequential/random reads and writes (`word=1`: inw/outw per word)",
             cmdline="sectors=64",
         ),
+        _multiboot(
+            "blk",
+            "a virtio-blk driver (polling, requests in flight): writes a pattern over n blocks, flushes, "
+            "reads it back and prints both checksums; burst and benchmark modes (guests/blk.c); the device "
+            "from virtio_mmio.device= on the command line, else found by a scan",
+            needs=(),
+        ),
     )
 }
 

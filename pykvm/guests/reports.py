@@ -1,4 +1,4 @@
-"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping, ata), parsed.
+"""The reports of the Multiboot PC guests (mbinfo, smp, pcprobe, acpiscan, ipiping, rtcirq, s3wake, ata, blk), parsed.
 
 Each guest writes lines ``key: value`` to COM1 (``guests/README.md`` lists
 every key): first ``guest: NAME``, last ``done: ok`` or ``done: fail
@@ -129,6 +129,12 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
         "check": "fields", "flush": "fields", "written_adler32": "int", "read_adler32": "int",
         "mismatched_sectors": "int", "beyond_end": "fields", "identify_packet": "fields",
         "bench_config": "fields", "bench": "fields[]",
+    },
+    "blk": {
+        "device": "fields", "features": "int", "capacity": "int", "limits": "fields", "id": "fields",
+        "written": "fields", "flushed": "str", "read": "fields", "ro_write": "int", "bench": "fields",
+        "interrupts": "int",
+        "burst": "str[]",
     },
 }
 

@@ -329,6 +329,16 @@ class Machine:
             raise
         return console, transport
 
+    def add_virtio_blk(self, image, **options):
+        """Add a virtio-blk disk on ``image`` (a ``pykvm.block.BlockImage``); return ``(disk, transport)``.
+
+        Options: ``read_only``, ``serial`` and the :meth:`add_virtio` ones
+        (default: ioeventfd doorbell, irqfd interrupt): ``pykvm.platform.virtio_wiring.add_blk``.
+        """
+        from pykvm.platform.virtio_wiring import add_blk
+
+        return add_blk(self, image, **options)
+
     def add_virtio(self, device, *, base: int | None = None, irq: int | None = None, notify: str = "python",
                    interrupt: str = "irq_line", name: str | None = None):
         """Put virtio ``device`` behind a virtio-mmio window; return its transport.

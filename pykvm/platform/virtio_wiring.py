@@ -208,3 +208,22 @@ class VirtioWiring:
                 except Exception as exc:  # a backend's problem must not leak the VM's fds
                     log.warning("closing %s failed: %s", slot.name, exc)
         self.slots = []
+
+
+def add_blk(machine, image, *, read_only: bool = False, serial: str = "", base: int | None = None,
+            irq: int | None = None, notify: str = "ioeventfd", interrupt: str | None = None,
+            name: str | None = None, **blk_options):
+    """A virtio-blk disk on ``image`` for ``machine`` (``Machine.add_virtio_blk``); ``(disk, transport)``.
+
+    The defaults put the disk's requests on the I/O thread: the doorbell is
+    an ioeventfd (no exit to user space) and, with an irqchip, the interrupt
+    an irqfd.  The machine owns the disk and closes it (and so the image)
+    with itself; if adding it fails the image stays the caller's.
+    """
+    from pykvm.virtio.blk import VirtioBlk
+
+    disk = VirtioBlk(image, read_only=read_only, serial=serial, **blk_options)
+    if interrupt is None:
+        interrupt = "irqfd" if machine.irqchip else "irq_line"
+    transport = machine.add_virtio(disk, base=base, irq=irq, notify=notify, interrupt=interrupt, name=name)
+    return disk, transport
