@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 
 import pytest
@@ -154,3 +155,20 @@ def test_qemu_reports_the_same(raw_run, tmp_path):
         assert r["identify"][word] == ours["identify"][word], word
     assert r["model"] == "QEMU HARDDISK"
     assert r["beyond_end"]["error"] in (0x04, 0x10)  # QEMU aborts (ABRT) where ATA8-ACS says IDNF
+
+
+@pytest.mark.parametrize("drive", ["-drive", "-hda"])
+def test_qemus_command_line_runs_unchanged_under_pykvm_run(tmp_path, drive):
+    """``-drive file=IMG,if=ide,format=raw`` (and ``-hda IMG``) put the ATA disk on the primary channel."""
+    path = tmp_path / "disk.raw"
+    create_image(path, "raw", DISK_BYTES)
+    disk = [drive, f"file={path},if=ide,format=raw"] if drive == "-drive" else [drive, str(path)]
+    command = [sys.executable, "-m", "pykvm", "run", "-accel", "kvm", "-M", "pc", "-m", "128", "-nodefaults",
+               "-display", "none", "-no-reboot", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+               "-kernel", str(guests.path("ata")), "-append", CMDLINE, *disk]
+    proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+    text = proc.stdout.decode("latin-1")
+    assert proc.returncode == qemu_exit_status(0), f"{proc.returncode}\n{text}\n{proc.stderr.decode()}"
+    check_report(parse_report(text, strict=True), path.read_bytes())
+    if drive == "-hda":
+        assert "format was not specified" in proc.stderr.decode()  # probed, and said so, as QEMU does

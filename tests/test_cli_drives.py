@@ -41,9 +41,7 @@ def test_every_qemu_cache_mode_is_taken(mode):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("-hda", "d.img"), "-hda d.img: IDE disks are not emulated, use -drive file=d.img,if=virtio"),
-    (("-drive", "file=d.img,if=ide"), "if=ide is not emulated, use if=virtio"),
-    (("-drive", "file=d.img"), "if=ide (QEMU's default for -drive without if=) is not emulated, use if=virtio"),
+    (("-hda", "a.img", "-drive", "file=b.img,if=ide"), "pykvm emulates one IDE disk (the primary master)"),
     (("-drive", "file=d.img,if=scsi"), "if=scsi is not emulated"),
     (("-drive", "file=d.img,if=bogus"), "-drive if=bogus: use if=virtio"),
     (("-drive", "file=d.iso,if=virtio,media=cdrom"), "CD-ROMs are not emulated"),

@@ -9,9 +9,11 @@ command line.  ``if=none`` only declares the drive, for a
 the same command line runs on both.
 
 * ``if=`` -- the one place an interface is chosen (:data:`INTERFACES`):
-  ``virtio`` and ``none`` are attached here; ``ide`` (QEMU's default when
-  ``if=`` is left out, and what ``-hda`` means), ``scsi``, ``floppy``, ``sd``,
-  ``mtd`` and ``pflash`` are not emulated and refused with one line.
+  ``virtio`` and ``none`` as above; ``ide`` (QEMU's default when ``if=`` is
+  left out, and what ``-hda`` means) is the emulated ATA PIO disk on the
+  primary IDE channel (``pykvm.devices.ata``: one disk, the primary master);
+  ``scsi``, ``floppy``, ``sd``, ``mtd`` and ``pflash`` are not emulated and
+  refused with one line.
 * ``format=`` -- ``raw`` or ``qcow2``; left out, the file is probed and, as
   QEMU does, a warning says so (a guest that writes the first bytes of a raw
   disk could make it look like qcow2).
@@ -40,7 +42,7 @@ FORMATS = ("raw", "qcow2")
 KEYS = ("file", "if", "format", "cache", "readonly", "media", "id", "index")
 #: if= values QEMU knows that pykvm does not emulate (one line, exit 2).  To add an interface: an
 #: ``_attach_<if>`` function below, its name in :data:`INTERFACES`, and out of this list.
-NOT_EMULATED = ("ide", "scsi", "floppy", "sd", "mtd", "pflash", "xen", "virtio-ccw")
+NOT_EMULATED = ("scsi", "floppy", "sd", "mtd", "pflash", "xen", "virtio-ccw")
 DEFAULT_INTERFACE = "ide"  # QEMU's for -drive without if= on a PC
 BLK_DEVICES = ("virtio-blk-device", "virtio-blk")
 
@@ -80,16 +82,13 @@ def parse_drive(text: str, *, option: str = "-drive") -> Drive:
         props[key] = value
     interface = props.get("if", DEFAULT_INTERFACE)
     shown = props.get("file", text)
-    if interface in NOT_EMULATED and option == "-hda":
-        raise UsageError(f"-hda {shown}: IDE disks are not emulated, use -drive file={shown},if=virtio")
     if interface in NOT_EMULATED:
         default = "" if "if" in props else f" (QEMU's default for {option} without if=)"
         raise UsageError(f"{option} {shown}: if={interface}{default} is not emulated, use if=virtio")
     if interface not in INTERFACES:
         raise UsageError(f"{option} if={interface}: use if=virtio (or if=none with -device virtio-blk-device)")
     if props.get("media", "disk") != "disk":
-        raise UsageError(f"{option} media={props['media']}: CD-ROMs are not emulated (virtio-blk is a disk: "
-                         f"media=disk)")
+        raise UsageError(f"{option} media={props['media']}: CD-ROMs are not emulated (media=disk)")
     if "file" not in props or not props["file"]:
         raise UsageError(f"{option} {text}: needs file=IMAGE (an empty drive is not emulated)")
     fmt = props.get("format")
@@ -122,6 +121,8 @@ def check_drives(drives: list[Drive], devices: list) -> None:
             if drive.id in ids:
                 raise UsageError(f"-drive id={drive.id}: the id is used twice")
             ids[drive.id] = drive
+    if sum(drive.interface == "ide" for drive in drives) > 1:
+        raise UsageError("-drive if=ide: pykvm emulates one IDE disk (the primary master); use if=virtio for more")
     used: set[str] = set()
     for device in devices:
         if device.driver not in BLK_DEVICES:
@@ -182,8 +183,20 @@ def _attach_none(machine, drive: Drive, name: str, device=None) -> str:
     return _attach_virtio(machine, drive, name, device.props.get("serial", ""))
 
 
+def _attach_ide(machine, drive: Drive, name: str) -> str:
+    """if=ide (and -hda): the ATA PIO disk at 0x1f0-0x1f7/0x3f6, IRQ 14; the kernel needs no words for it."""
+    image = open_drive(drive)
+    try:
+        machine.add_ide_disk(image)
+    except BaseException:
+        image.close()
+        raise
+    machine.own(image)
+    return ""
+
+
 #: if= -> how a drive of that interface goes on the machine: (machine, drive, name[, device]) -> kernel words.
-INTERFACES = {"virtio": _attach_virtio, "none": _attach_none}
+INTERFACES = {"virtio": _attach_virtio, "none": _attach_none, "ide": _attach_ide}
 
 
 def attach_drives(session) -> str:

@@ -152,6 +152,7 @@ class Machine:
         self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
         self.platform = platform
         self.board = None  # the pc platform's devices and tables (pykvm.platform.pc_board.PcBoard)
+        self._owned: list = []  # closed with the machine (own())
         self.vcpus: list = []
         self.loops: list[VcpuLoop] = []
         self.stats_fds: list = []
@@ -244,6 +245,8 @@ class Machine:
             vcpu.close()
         if self.virtio is not None:
             self.virtio.close()
+        for resource in reversed(self._owned):
+            resource.close()
         for stats_fd in self.stats_fds:
             stats_fd.close()
         if self.memory is not None:
@@ -277,6 +280,10 @@ class Machine:
         from pykvm.platform.ide import attach_ide_disk
 
         return attach_ide_disk(self, image, **identity)
+
+    def own(self, resource) -> None:
+        """Close ``resource`` (anything with ``close()``, e.g. a disk image) when the machine closes."""
+        self._owned.append(resource)
 
     def remove_device(self, device) -> None:
         """Take ``device`` off whichever bus has it (its fast-path rows go with it)."""
