@@ -162,6 +162,7 @@ class Machine:
         self.fastpath = FastPath(self.pio, self.mmio)
         self.extra_fast_ranges: list = []  # rows no device owns (labs, benchmarks): absolute FastRanges
         self.loaded: dict | None = None
+        self.last_stop_vcpu = 0  # the vCPU whose stop ended the last run() (the GDB stub's thread)
         self._lock = threading.Lock()  # close() against itself
         self._closed = False
         self._output_error: str | None = None  # COM1's sink failed (SerialCapture)
@@ -527,6 +528,7 @@ class Machine:
             index, stop = run_vcpus(self.loops, run_one)
             if index and stop.message:
                 stop = stop.replace(message=f"vCPU {index}: {stop.message}")
+        self.last_stop_vcpu = index
         return self._result(accounting, stop)
 
     def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:
