@@ -206,7 +206,7 @@ def test_the_monitor_is_refused_with_the_stub():
 def test_unix_socket(tmp_path):
     path = tmp_path / "gdb.sock"
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--guest", "gdbdemo64", "-S", "-gdb",
-                             f"unix:{path}", "--timeout", str(TIMEOUT)],
+                             f"unix:{path}", "--timeout", str(TIMEOUT), "--summary"],  # --summary: it says where it listens
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert f"listening on unix:{path}" in proc.stderr.readline()

@@ -16,6 +16,7 @@ machine.  The terminal is the guest's console only: no monitor shares it
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -51,8 +52,10 @@ def run_gdb(session) -> int:
         server.close()
         raise UsageError(f"-gdb {c.gdb}: {exc.strerror or exc}") from None
     session.gdb_server = server
-    waits = " (-S: the guest starts when the debugger continues it)" if c.freeze else ""
-    stderr(f"pykvm: GDB stub listening on {server.bound_address}{waits}")
+    if sys.stderr.isatty() or c.summary or (server.address.family == "tcp" and server.address.port == 0):
+        # (quiet like QEMU otherwise: a port the system picked must be told)
+        waits = " (-S: the guest starts when the debugger continues it)" if c.freeze else ""
+        stderr(f"pykvm: GDB stub listening on {server.bound_address}{waits}")
     requested: list[str] = []
     wake = threading.Event()
 

@@ -446,13 +446,35 @@ class KvmTarget:
             return self._hit_event(thread, placed)
         return StopEvent(thread, SIGTRAP, "step" if debug.dr6 & DR6_BS else "signal")
 
-    def _step_event(self, index: int, *, armed: bool = False) -> StopEvent:
-        """Execute one instruction of vCPU ``index``; the others stay stopped."""
+    def _read(self, sregs, linear: int, size: int, tlb: dict | None = None) -> bytes:
+        """``read_linear``; with ``tlb``, page translations are remembered (the stepped continue's many reads).
+
+        The remembered ones are keyed by the paging registers and kept for one
+        continue: a guest that edits a live page-table entry without
+        changing CR3 may be read through the old mapping until GDB resumes again.
+        """
+        memory = self.machine.memory
+        if tlb is None or (linear & 0xFFF) + size > 0x1000:
+            return read_linear(memory, sregs, linear, size)
+        key = (sregs.cr3, sregs.cr0, sregs.cr4, sregs.efer, linear >> 12)
+        page = tlb.get(key)
+        if page is None:
+            page = linear_to_physical(memory, sregs, linear & ~0xFFF)
+            if page is None or not memory.is_mapped(page, 0x1000):
+                return read_linear(memory, sregs, linear, size)
+            tlb[key] = page
+        return memory.read(page + (linear & 0xFFF), size)
+
+    def _step_event(self, index: int, *, armed: bool = False, state=None, tlb: dict | None = None) -> StopEvent:
+        """Execute one instruction of vCPU ``index``; the others stay stopped.
+
+        ``state``: the vCPU's (regs, sregs), when the caller has just read them.
+        """
         vcpu, loop = self.vcpus[index], self.loops[index]
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        regs, sregs = state or (vcpu.get_regs(), vcpu.get_sregs())
         halts = (not self.machine.irqchip and (not sregs.cr0 & bits.CR0_PE or cpl(sregs.cs.selector, sregs.ss.dpl)
                                                 == 0)
-                 and read_linear(self.machine.memory, sregs, linear_rip(regs, sregs), 1) == bytes((HLT,)))
+                 and self._read(sregs, linear_rip(regs, sregs), 1, tlb) == bytes((HLT,)))
         if halts or not armed:  # (armed: the stepped continue set SINGLESTEP once for all its steps)
             debugreg = self._debugreg(instructions=False)
             watching = any(debugreg[:4])
@@ -474,25 +496,24 @@ class KvmTarget:
 
     def _stepped_continue(self) -> StopEvent:
         """Continue one instruction at a time, comparing the watched bytes after each (the host has no data breakpoints)."""
-        vcpu, memory = self.vcpus[0], self.machine.memory
+        vcpu = self.vcpus[0]
         watched = [placed for placed in self.placed.values() if placed.how == "stepped"]
         breakpoints = self._instruction_breakpoints()
-
-        def values() -> list[bytes]:
-            sregs = vcpu.get_sregs()
-            return [read_linear(memory, sregs, placed.address, max(placed.length, 1)) for placed in watched]
-
-        before = values()
+        tlb: dict = {}
+        state = (vcpu.get_regs(), vcpu.get_sregs())
+        before = [self._read(state[1], placed.address, max(placed.length, 1), tlb) for placed in watched]
         vcpu.set_guest_debug(ENABLE | SINGLESTEP)
         while True:
-            stop = self._step_event(0, armed=True)
+            stop = self._step_event(0, armed=True, state=state, tlb=tlb)
             if stop.reason != "step":
                 return stop
-            after = values()
+            state = (vcpu.get_regs(), vcpu.get_sregs())
+            after = [self._read(state[1], placed.address, max(placed.length, 1), tlb) for placed in watched]
             for placed, old, new in zip(watched, before, after):
                 if old != new:
                     return self._hit_event(1, placed)
             before = after
-            if breakpoints and linear_rip(vcpu.get_regs(), vcpu.get_sregs()) in breakpoints:
-                return StopEvent(1, SIGTRAP, "breakpoint",
-                                 address=linear_rip(vcpu.get_regs(), vcpu.get_sregs()))
+            if breakpoints:
+                pc = linear_rip(*state)
+                if pc in breakpoints:
+                    return StopEvent(1, SIGTRAP, "breakpoint", address=pc)
