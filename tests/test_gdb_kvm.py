@@ -133,6 +133,17 @@ def test_a_debugger_stops_a_running_guest_and_kills_it():
     assert "the debugger killed the guest" in stderr
 
 
+def test_a_crash_stops_as_sigsegv_and_the_registers_can_be_read():
+    vm = Pykvm("--guest", "triple64", "-S")
+    out = vm.gdb(["continue", "x/i $pc", "continue"])
+    status, _, stderr = vm.finish()
+    assert "Program received signal SIGSEGV" in out
+    assert re.search(r"=> 0x[0-9a-f]+:\s+ud2", out)             # where it died: the ud2 with no IDT
+    assert "[Inferior 1 (Remote target) exited with code 03]" in out
+    assert status == 3
+    assert "triple fault" in stderr
+
+
 def test_smp_vcpus_are_threads():
     vm = Pykvm("--guest", "smp", "-smp", "2", "-S")
     out = vm.gdb(["info threads", "thread 2", "info registers cs", "continue"])
@@ -176,10 +187,16 @@ def test_ctrl_c_interrupts_a_running_guest():
                 gdb.kill()
                 gdb.wait()
             assert target.running  # detached: the guest runs on
+            again = subprocess.run([GDB, "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}",
+                                    "-ex", "p/x $pc", "-ex", "detach"],
+                                   capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+            assert target.running
         target.close()
     assert "Program received signal SIGINT, Interrupt." in out
     assert "$1 = 0x100000" in out
     assert "[Inferior 1 (Remote target) detached]" in out
+    assert "$1 = 0x100000" in again.stdout                   # a second debugger stopped the running guest
+    assert "[Inferior 1 (Remote target) detached]" in again.stdout
     assert target.ended == "closed"
 
 

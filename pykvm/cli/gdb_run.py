@@ -40,7 +40,7 @@ def check_gdb_options(config) -> None:
 
 
 def run_gdb(session) -> int:
-    from pykvm.state.gdb_kvm import KvmTarget
+    from pykvm.state.gdb_kvm import CRASHES, KvmTarget
     from pykvm.state.gdb_server import GdbServer
 
     c, m = session.config, session.machine
@@ -69,7 +69,8 @@ def run_gdb(session) -> int:
     try:
         if not c.freeze:
             target.start()
-        while not target.ended_event.is_set():
+        while not target.ended_event.is_set() or (target.ended in CRASHES and server.connected):
+            # (a crash is reported to a connected debugger as SIGSEGV: it may look around until it leaves)
             if requested:
                 target.end(requested[0])
                 break

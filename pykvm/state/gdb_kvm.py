@@ -57,6 +57,7 @@ SIGSEGV = 11
 ATTACH, INTERRUPT = "gdb-attach", "gdb-interrupt"
 #: How a run ends when the guest crashed: reported as SIGSEGV (registers can be read), then as exited.
 CRASHES = frozenset({"shutdown", "internal-error", "fail-entry", "guest-error", "error", "unknown"})
+CRASH_STATUS = 3  # what pykvm run exits with after a crash (pykvm.cli.status.EXIT_GUEST_CRASHED)
 DEBUG_REGISTERS = 4
 INT3 = b"\xcc"
 HLT = 0xF4
@@ -147,6 +148,8 @@ class KvmTarget:
             self.machine.cancel_stop()  # an interrupt that came after the run had ended for another reason
             self._stop = stop
             self._lock.notify_all()
+            if self.ended is not None:
+                self.ended_event.set()  # only now: the stop GDB is to hear of is there for wait() to take
 
     def _join(self) -> None:
         worker = self._worker
@@ -159,14 +162,15 @@ class KvmTarget:
         if reason == "debug-exit" and status is None:
             status = self.machine.debug_exit.exit_status
         self.ended, self.end_status, self.end_message = reason, status, message
-        self.ended_event.set()
         if reason in CRASHES and not self._crash_reported:
             self._crash_reported = True
             return StopEvent(self.machine.last_stop_vcpu + 1, SIGSEGV, "signal")
         return self._exited()
 
     def _exited(self) -> StopEvent:
-        return StopEvent(1, reason="exited", exit_status=(self.end_status or 0) & 0xFF)
+        """GDB's ``W``: the device's exit status; a crash is pykvm's own status for one (3)."""
+        status = self.end_status if self.end_status is not None else CRASH_STATUS if self.ended in CRASHES else 0
+        return StopEvent(1, reason="exited", exit_status=status & 0xFF)
 
     def end(self, reason: str) -> None:
         """The session ends the guest (timeout, a signal, the debugger's ``k``): stop any run, mark it ended."""
@@ -181,6 +185,7 @@ class KvmTarget:
             with self._lock:
                 if self.ended is None:  # the run ended for its own reason first, say a breakpoint
                     self._end(reason, None)
+        self.ended_event.set()
 
     def close(self) -> None:
         self.end("closed")
@@ -380,6 +385,8 @@ class KvmTarget:
         return self._run_machine()
 
     def _continue(self) -> StopEvent:
+        if any(placed.how == "stepped" for placed in self.placed.values()):
+            return self._stepped_continue()  # (it checks breakpoints after each step: none to step over)
         breakpoints = self._instruction_breakpoints()
         if breakpoints:
             for index, vcpu in enumerate(self.vcpus):  # a breakpoint fires before its instruction: step over it
@@ -387,8 +394,6 @@ class KvmTarget:
                     stop = self._step_event(index)
                     if stop.reason != "step":
                         return stop
-        if any(placed.how == "stepped" for placed in self.placed.values()):
-            return self._stepped_continue()
         hw = any(placed.how == "hw" for placed in self.placed.values())
         sw = [placed for placed in self.placed.values() if placed.how == "sw"]
         control = (ENABLE | (USE_HW_BP if hw else 0) | (USE_SW_BP if sw else 0)) if hw or sw else 0
