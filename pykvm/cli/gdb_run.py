@@ -84,6 +84,7 @@ def run_gdb(session) -> int:
         session.terminal.restore()
         server.close()
         session.gdb_server = None
+        target.close()  # (its run thread, if a failure left one)
     timeline.mark("ran")
     return _report(session, target)
 
