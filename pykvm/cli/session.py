@@ -81,6 +81,7 @@ class Session:
         self._stop_reason: str | None = None
         self.stop_signal: int | None = None  # the signal that ended the run, if one did
         self.on_stop = self._stop  # what SIGTERM/SIGHUP do (the monitored run replaces it)
+        self.gdb_server = None  # -gdb/-s: the stub's server (pykvm.cli.gdb_run), closed before the machine
 
     def __enter__(self) -> "Session":
         return self
@@ -92,6 +93,9 @@ class Session:
         if self._signals is not None:
             restore_signals(self._signals)
             self._signals = None
+        if self.gdb_server is not None:
+            self.gdb_server.close()
+            self.gdb_server = None
         if self.machine is not None:
             self.machine.close()
         for endpoint in self.endpoints:
@@ -149,6 +153,8 @@ class Session:
             return c.serials
         if c.nodefaults:
             return ["none"]  # QEMU's -nodefaults: no serial port unless one is asked for
+        if c.gdb is not None:
+            return ["stdio"]  # the debugger controls the guest: no monitor on the terminal (pykvm.cli.gdb_run)
         return ["mon:stdio"]  # QEMU's -nographic, and pykvm's default: there is no display
 
     def _open_serials(self) -> None:
@@ -193,7 +199,9 @@ class Session:
             except LookupError as exc:
                 raise UsageError(str(exc)) from None
         if c.gdb is not None:
-            raise UsageError(f"-gdb {c.gdb}: the GDB stub is not wired to the machine yet")
+            from pykvm.cli.gdb_run import check_gdb_options
+
+            check_gdb_options(c)
         self._open_serials()
         self.monitor_endpoint = self._open_monitor()
         signals = self.serial.kind == "stdio" and c.monitor != "stdio"
@@ -389,6 +397,11 @@ class Session:
         timeline.mark("loaded")
         if status is not None:
             return status
+        if self.config.gdb is not None:
+            from pykvm.cli.gdb_run import run_gdb
+
+            self._signals = install_stop_signals(self._on_signal)
+            return run_gdb(self)
         if self.config.freeze and not (self.serial.kind == "mux" or self.config.monitor == "stdio"
                                        or self.monitor_endpoint is not None or self.config.monitor_script):
             raise UsageError("-S needs a monitor to continue the guest: add -monitor stdio, a -monitor "

@@ -46,6 +46,7 @@ __all__ = [
     "names",
     "patch_bench_params",
     "path",
+    "symbols",
 ]
 
 #: Where ``make -C guests`` writes the binaries.
@@ -281,6 +282,18 @@ GUESTS: dict[str, GuestInfo] = {
             "RBX = N, RCX = TSC ticks of the transfer, RDI = virtio doorbells rung",
             "reset",
         ),
+        GuestInfo(
+            "gdbdemo64",
+            "long",
+            LOAD_ADDR,
+            "a guest to debug with GDB, at CPL 0 (where this host can step and break): fib(20) into "
+            "fib_result, checkpoint() to break at, a loop adding 1..5 into counter to watch; prints "
+            "\"gdbdemo: fib(20) = 6765, counter = 15\\n\"; its ELF with symbols is bin/gdbdemo64.debug "
+            "(symbols())",
+            0,
+            "none; result RAX = fib_result + counter (6780), RBX = checkpoint()'s value (6766)",
+            "reset",
+        ),
         GuestInfo("spin16", "real", REAL_LOAD_ADDR, "jmp . forever (timeout tests)", 0, "none", "never"),
         GuestInfo("spin64", "long", LOAD_ADDR, "jmp . forever at CPL 0 (timeout tests)", 0, "none", "never"),
         GuestInfo(
@@ -398,6 +411,21 @@ def file(name: str, bin_dir: str | os.PathLike | None = None) -> str:
             f"guest {name!r} is not built: {found} does not exist; "
             "run `make -C guests` in the pykvm source tree"
         )
+    return found
+
+
+def symbols(name: str, bin_dir: str | os.PathLike | None = None) -> str:
+    """The ELF with symbols of guest *name* for a debugger (``bin/<name>.debug``; ``gdb -ex 'file ...'``).
+
+    Raises:
+        GuestNotFound: *name* is not a shipped guest.
+        GuestNotBuilt: the guest ships no such file (or it is not built yet).
+    """
+    info(name)
+    found = os.path.join(os.fspath(bin_dir) if bin_dir is not None else BIN_DIR, f"{name}.debug")
+    if not os.path.isfile(found):
+        raise GuestNotBuilt(f"guest {name!r} has no ELF with symbols: {found} does not exist "
+                            "(only the guests in guests/Makefile's DEBUG_GUESTS ship one)")
     return found
 
 

@@ -21,7 +21,7 @@ from pykvm.host import nested_kvm_module
 from pykvm.x86 import bits
 from pykvm.x86.state import cpl
 
-__all__ = ["DebugSupport", "debug_support", "probe_mode", "DR7_FIXED",
+__all__ = ["DebugSupport", "debug_support", "data_breakpoints", "probe_mode", "DR7_FIXED",
            "ENABLE", "SINGLESTEP", "USE_HW_BP", "USE_SW_BP"]
 
 ENABLE = lib.KVM_GUESTDBG_ENABLE
@@ -65,8 +65,12 @@ def probe_mode(sregs) -> str:
     return "protected"
 
 
-def _probe_one(kvm, mode: str, code: bytes, control: int, hw_offset: int | None) -> tuple[object, int, int]:
-    """Run ``code`` in a scratch VM in ``mode`` with guest debugging; return (exit, rip, load address)."""
+def _probe_one(kvm, mode: str, code: bytes, control: int, hw_offset: int | None,
+               dr7: int = DR7_FIXED | 0x2) -> tuple[object, int, int]:
+    """Run ``code`` in a scratch VM in ``mode`` with guest debugging; return (exit, rip, load address).
+
+    ``hw_offset``: DR0 = load address + this, enabled by ``dr7``.
+    """
     from pykvm.platform.machine import Machine
 
     with Machine(memory="2M", kvm=kvm) as scratch:
@@ -77,7 +81,7 @@ def _probe_one(kvm, mode: str, code: bytes, control: int, hw_offset: int | None)
             scratch.memory.write(3 * 4, (base + len(code) - 2).to_bytes(2, "little") + b"\0\0")
         debugreg = ()
         if hw_offset is not None:
-            debugreg = (base + hw_offset, 0, 0, 0, 0, 0, 0, DR7_FIXED | 0x2)
+            debugreg = (base + hw_offset, 0, 0, 0, 0, 0, 0, dr7)
         scratch.vcpu.set_guest_debug(control, debugreg)
         exit = scratch.vcpu.run()
         return exit, scratch.vcpu.get_regs().rip, base
@@ -136,3 +140,49 @@ def debug_support(mode: str, kvm=None) -> DebugSupport:
                                notes)
         _cache[mode] = support
         return support
+
+
+_data_cache: dict[str, tuple[bool, str]] = {}
+# DR7 for slot 0 as a 4-byte write watchpoint: G0, R/W0 = 01 (data writes), LEN0 = 11 (4 bytes).
+_DR7_WRITE4 = DR7_FIXED | 0x2 | (0b01 << 16) | (0b11 << 18)
+
+
+def data_breakpoints(mode: str, kvm=None) -> tuple[bool, str]:
+    """Whether a debug-register data breakpoint (a write watchpoint) stops the guest in ``mode`` (cached).
+
+    Returns ``(works, why_not)``.  The probe stores EAX to a watched
+    address and expects KVM_EXIT_DEBUG (#DB, DR6.B0) right after the store.
+    On kvm_pvm hosts CPL-0 code is emulated and the emulator does not check
+    data breakpoints: the store goes by unseen.  Probed in the 64-bit and
+    flat 32-bit modes; real mode is not probed (reported as not working).
+    """
+    with _lock:
+        if mode in _data_cache:
+            return _data_cache[mode]
+        from pykvm.platform.layout import LOAD_ADDR
+
+        target = 0x40  # the watched dword, this far after the load address (RAM, past the code)
+        if mode in ("long", "long_user"):
+            store = b"\x89\x05" + (target - 6).to_bytes(4, "little")  # mov [rip + disp32], eax
+        elif mode in ("protected", "paged32"):
+            store = b"\x89\x05" + (LOAD_ADDR + target).to_bytes(4, "little")  # mov [disp32], eax
+        else:
+            answer = (False, f"data breakpoints are not probed in {mode} mode")
+            _data_cache[mode] = answer
+            return answer
+        code = store + b"\x90\x90" + _PROBE_END
+        try:
+            exit, rip, base = _probe_one(kvm, mode, code, ENABLE | USE_HW_BP, target, _DR7_WRITE4)
+        except ModeNotSupported as exc:
+            answer = (False, f"this host cannot run {mode} mode ({exc})")
+        else:
+            works = isinstance(exit, exits.Debug) and exit.exception == 1 and bool(exit.dr6 & 1) \
+                and rip == base + len(store)
+            why = ""
+            if not works:
+                module = nested_kvm_module()
+                hint = f" (nested KVM: {module})" if module else ""
+                why = f"a write watchpoint (DR0-DR3) {_describe_failure(exit, 'watch')} in {mode} mode on this host{hint}"
+            answer = (works, why)
+        _data_cache[mode] = answer
+        return answer

@@ -163,6 +163,7 @@ class Machine:
         self.fastpath = FastPath(self.pio, self.mmio)
         self.extra_fast_ranges: list = []  # rows no device owns (labs, benchmarks): absolute FastRanges
         self.loaded: dict | None = None
+        self.last_stop_vcpu = 0  # the vCPU whose stop ended the last run() (the GDB stub's thread)
         self._lock = threading.Lock()  # close() against itself
         self._closed = False
         self._output_error: str | None = None  # COM1's sink failed (SerialCapture)
@@ -552,6 +553,7 @@ class Machine:
             if len(self.loops) == 1:
                 return run_one(0)
             index, stop = run_vcpus(self.loops, run_one)
+            self.last_stop_vcpu = index
             return stop.replace(message=f"vCPU {index}: {stop.message}") if index and stop.message else stop
 
         sleep = self.board.sleep if self.board is not None else None

@@ -105,6 +105,12 @@ class GdbServer:
         host, port = self._listener.getsockname()[:2]
         return GdbAddress("tcp", host=host, port=port)
 
+    @property
+    def connected(self) -> bool:
+        """Whether a debugger is connected now."""
+        with self._lock:
+            return self._client is not None
+
     def wait_for_client(self, timeout: float | None = None) -> bool:
         """Block until a debugger has attached (for ``-S``); False if ``timeout`` seconds passed first.
 

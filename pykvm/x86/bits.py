@@ -117,6 +117,8 @@ CR4_NAMES: dict[int, str] = {
 # Enable Register (EFER)".
 # ---------------------------------------------------------------------------
 MSR_EFER = 0xC0000080
+#: IA32_KERNEL_GS_BASE: the GS base SWAPGS exchanges (Intel SDM Vol. 4, table 2-2).
+MSR_KERNEL_GS_BASE = 0xC0000102
 
 EFER_SCE = 1 << 0  # System Call Extensions: SYSCALL/SYSRET
 EFER_LME = 1 << 8  # Long Mode Enable (software sets it before CR0.PG)
