@@ -23,7 +23,6 @@ module of its own and is only put together here:
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -38,10 +37,9 @@ from pykvm.platform.coalesced import CoalescedZones
 from pykvm.platform.cpu_tables import place_tables
 from pykvm.platform.fastpath import FastPath
 from pykvm.platform.pc import SerialCapture, add_pc_devices
-from pykvm.platform.results import REGISTER_NAMES, RunAccounting, RunResult
-from pykvm.platform.smp import run_vcpus
-from pykvm.platform.vcpu_loop import VcpuLoop, VcpuStop
-from pykvm.platform.watchdog import shared_watchdog
+from pykvm.platform.machine_run import check_timeout, run_machine
+from pykvm.platform.results import RunResult
+from pykvm.platform.vcpu_loop import VcpuLoop
 from pykvm.system import Kvm
 
 __all__ = ["Machine", "RunResult", "check_timeout"]
@@ -76,17 +74,6 @@ def _vcpu_cpuid(kvm: Kvm, apic_id: int, threads: int, cores: int, edits: tuple):
 
 def _round_up(size: int, page: int = layout.PAGE_SIZE) -> int:
     return (size + page - 1) // page * page
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    """A run's timeout: None, or a finite number of seconds > 0 (NaN, infinities and negatives refused)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds above 0, not {timeout!r}")
-    return float(timeout)
 
 
 class Machine:
@@ -153,6 +140,9 @@ class Machine:
         self.platform = platform
         self.board = None  # the pc platform's devices and tables (pykvm.platform.pc_board.PcBoard)
         self._owned: list = []  # closed with the machine (own())
+        self._run_done = threading.Event()  # clear while run() is between its first and last step
+        self._run_done.set()
+        self._run_thread: threading.Thread | None = None
         self.vcpus: list = []
         self.loops: list[VcpuLoop] = []
         self.stats_fds: list = []
@@ -244,6 +234,8 @@ class Machine:
             self.board.close()
         for vcpu in self.vcpus:
             vcpu.close()
+        if self._run_thread is not threading.current_thread():
+            self._run_done.wait()  # the run reads the stats fds and the capture as it ends: let it finish
         if self.virtio is not None:
             self.virtio.close()
         for resource in reversed(self._owned):
@@ -527,70 +519,7 @@ class Machine:
         (``ended == "closed"``).  Never raises for anything the guest does;
         host errors (KvmError) propagate.
         """
-        timeout = check_timeout(timeout)
-        if self._closed:
-            raise ValueError("the machine is closed: it cannot run again")
-        self._sync_extra_rows()
-        accounting = RunAccounting(self.loops, self.stats_fds)
-        deadline = None if timeout is None else accounting.started + timeout
-        watchdog = shared_watchdog()
-
-        def run_one(index: int) -> VcpuStop:
-            loop = self.loops[index]
-            state = loop.cloop.state
-            pending = (lambda: bool(state.txlen)) if self.pc.capture.sink is not None else None
-            with loop.vcpu.running():
-                watch = watchdog.arm(loop.kick, deadline, pending, flush_interval)
-                try:
-                    return loop.run(watch=watch)
-                except KeyboardInterrupt:
-                    loop.finish()
-                    return VcpuStop("interrupted", None, "stopped by Ctrl-C")
-                finally:
-                    watchdog.disarm(watch)
-
-        def run_all() -> VcpuStop:
-            if len(self.loops) == 1:
-                return run_one(0)
-            index, stop = run_vcpus(self.loops, run_one)
-            self.last_stop_vcpu = index
-            return stop.replace(message=f"vCPU {index}: {stop.message}") if index and stop.message else stop
-
-        sleep = self.board.sleep if self.board is not None else None
-        stop = VcpuStop("suspend", 0, "") if sleep is not None and sleep.suspended else run_all()
-        while stop.reason == "suspend" and sleep is not None:  # ACPI S3: wait for the wake, then resume
-            try:
-                woke = sleep.wait_for_wake(deadline)
-            except KeyboardInterrupt:
-                woke = "interrupted"
-            if woke != "wake":
-                self.cancel_stop()  # the stop request was for the sleep; the loops must not keep it
-                stop = VcpuStop(woke, None, "while suspended (ACPI S3)")
-            else:
-                stop = run_all()
-        return self._result(accounting, stop)
-
-    def _result(self, accounting: RunAccounting, stop: VcpuStop) -> RunResult:
-        ended, status, message = stop.reason, stop.status, stop.message
-        if self._output_error is not None:
-            # The sink failed (maybe only when the last bytes were handed over at the end of
-            # the run): what the guest wrote did not all arrive, and that is what the run says.
-            if ended != "output-error":
-                message = f"{self._output_error} (the guest had ended: {ended})"
-                self.loop.cancel_stop()  # the stop the failure asked for is this one
-            else:
-                message = self._output_error
-            ended, status = "output-error", None
-        if ended == "debug-exit" and status is None:
-            status = self.debug_exit.exit_status
-        capture = self.pc.capture
-        if capture.dropped:
-            message = (message + "\n" if message else "") + f"{capture.dropped} serial bytes not kept"
-        regs = {}
-        if not self.vcpu.closing:
-            values = self.vcpu.get_regs()
-            regs = {name: getattr(values, name) for name in REGISTER_NAMES}
-        return accounting.result(ended, status, message, stop.exit, bytes(capture.data), regs)
+        return run_machine(self, timeout, flush_interval)
 
     def describe_cpu(self, index: int = 0) -> str:
         """vCPU ``index``'s register dump and the instruction bytes at RIP (for error reports)."""
