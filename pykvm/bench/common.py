@@ -51,6 +51,20 @@ BENCH_GUESTS: dict[str, BenchGuest] = {
 }
 
 
+def guest_problem(guest: str) -> str | None:
+    """Why a section that runs ``guest`` cannot run here: no usable /dev/kvm, or the extension or guest unbuilt."""
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"{KVM_DEVICE} is missing or not readable and writable by this user"
+    try:
+        import pykvm._native_loader  # noqa: F401
+        from pykvm import guests
+
+        guests.path(guest)
+    except Exception as exc:  # the C extension or the guest is not built
+        return str(exc)
+    return None
+
+
 def pykvm_root() -> Path:
     """The directory holding the ``pykvm`` package (for a child's PYTHONPATH)."""
     import pykvm

@@ -375,18 +375,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _preflight() -> str | None:
     """Why the benchmark cannot run here (None: it can)."""
-    from pykvm.bench.common import KVM_DEVICE
+    from pykvm.bench.common import guest_problem
 
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return f"{KVM_DEVICE} is missing or not readable and writable by this user"
-    try:
-        import pykvm._native_loader  # noqa: F401
-        from pykvm import guests
-
-        guests.path(GUEST)
-    except Exception as exc:  # the C extension or the guest is not built
-        return str(exc)
-    return None
+    return guest_problem(GUEST)
 
 
 def main(argv: list[str] | None = None) -> int:
