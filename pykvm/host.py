@@ -130,3 +130,17 @@ def hugetlbfs_mounts() -> list[tuple[str, int]]:
             except OSError:
                 continue
     return mounts
+
+
+def ksm_process_stat(pid: str = "self") -> dict[str, int]:
+    """``/proc/PID/ksm_stat`` (Linux 6.1+): ksm_merging_pages (this process's pages KSM merged), ksm_rmap_items, ..."""
+    stat: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/ksm_stat") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if value.strip().lstrip("-").isdigit():
+                    stat[name] = int(value)
+    except OSError:
+        pass
+    return stat

@@ -210,10 +210,13 @@ def map_memory(size: int, backing: MemoryBacking | None) -> object:
 
 
 def smaps(hva: int) -> dict[str, str]:
-    """The /proc/self/smaps entry of the mapping that starts at ``hva``: Rss, AnonHugePages, VmFlags, ...
+    """The /proc/self/smaps entry of the mapping (VMA) holding ``hva``: Size, Rss, AnonHugePages, VmFlags, ...
 
     Values as the kernel writes them (``"4096 kB"``, ``"rd wr mr mw me ac mg"``);
-    empty if no mapping starts there.
+    empty if nothing is mapped there.  The kernel merges neighbouring
+    mappings with the same flags into one VMA, so ``Size`` may be more than
+    one region; hugetlbfs pages count in ``Private_Hugetlb``/``Shared_Hugetlb``,
+    not ``Rss``.
     """
     entry: dict[str, str] = {}
     inside = False
@@ -223,7 +226,8 @@ def smaps(hva: int) -> dict[str, str]:
             if "-" in head and not head.endswith(":"):
                 if inside:
                     break
-                inside = int(head.split("-")[0], 16) == hva
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= hva < end
                 continue
             if inside:
                 key, _, value = line.partition(":")

@@ -182,10 +182,12 @@ def touch(m, first: int, pages: int) -> tuple[object, set[int]]:
 
 
 @pytest.mark.kvm
-def test_dirty_pages_are_exactly_the_pages_the_guest_wrote_and_its_page_tables():
+@pytest.mark.parametrize("backing", [None, MemoryBacking(thp=True, prealloc=True), MemoryBacking(merge=True)],
+                         ids=["anonymous", "thp-prealloc", "mergeable"])
+def test_dirty_pages_are_exactly_the_pages_the_guest_wrote_and_its_page_tables(backing):
     from pykvm import Machine
 
-    with Machine(memory="32M") as m:
+    with Machine(memory="32M", memory_backing=backing) as m:
         m.memory.start_dirty_log()
         assert m.memory.dirty_logging and all(r.log_dirty for r in m.memory.regions)
         m.memory.write(0x900000, b"host")  # host writes are not logged
