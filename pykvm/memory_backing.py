@@ -173,9 +173,14 @@ def populate(ptr, size: int) -> None:
         return
     if rc != -errno.EINVAL:  # EINVAL: a kernel older than 5.14; anything else (ENOMEM, EFAULT) is real
         raise KvmError("madvise(MADV_POPULATE_WRITE)", -rc, f"{size} bytes")
+    touch_each_page(ptr, size)
+
+
+def touch_each_page(ptr, size: int) -> None:
+    """Write each page once (what MADV_POPULATE_WRITE does in one call): a write fault allocates it."""
     pages = ffi.cast("volatile char *", ptr)
     for offset in range(0, size, PAGE_SIZE):
-        pages[offset] = pages[offset]  # a write fault allocates the page; the byte keeps its value
+        pages[offset] = pages[offset]  # the byte keeps its value
 
 
 def map_memory(size: int, backing: MemoryBacking | None) -> object:

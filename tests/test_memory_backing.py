@@ -49,6 +49,16 @@ def test_anonymous_memory_is_allocated_when_touched_and_prealloc_allocates_it_al
         assert memory.read(0, 16) == bytes(16)  # and still zero
 
 
+def test_touching_each_page_populates_as_madvise_does():
+    from pykvm.memory_backing import touch_each_page
+
+    memory, region = mapping(MemoryBacking(thp=False))
+    with memory:
+        memory.write(4096, b"kept")
+        touch_each_page(region._ptr, region.size)  # the fallback for kernels without MADV_POPULATE_WRITE
+        assert kb(smaps(region.hva)["Rss"]) == SIZE >> 10 and memory.read(4096, 4) == b"kept"
+
+
 @pytest.mark.skipif(host.thp_mode() not in ("always", "madvise"),
                     reason=f"transparent huge pages are {host.thp_mode()} on this host")
 def test_thp_marks_the_mapping_and_prealloc_then_gets_huge_pages():
