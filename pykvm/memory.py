@@ -1,9 +1,15 @@
-"""Guest physical memory: anonymous mappings registered as KVM memory slots.
+"""Guest physical memory: host mappings registered as KVM memory slots, and their dirty log.
 
 ``GuestMemory`` owns each mapping (mmap/munmap) and the slot that exposes it
 to the guest (KVM_SET_USER_MEMORY_REGION).  Every host-side access is checked
 against the regions, so no bug in a device model or a hostile guest address
-can make the host touch memory outside the guest's.
+can make the host touch memory outside the guest's.  A mapping is anonymous
+memory unless a ``pykvm.memory_backing.MemoryBacking`` says otherwise
+(prealloc, hugetlbfs, THP, KSM).
+
+The dirty log, for live migration and the like: ``start_dirty_log()``, then
+``dirty_pages()`` -- the guest page numbers written since the previous call
+-- as often as needed, then ``stop_dirty_log()``.
 """
 
 from __future__ import annotations
@@ -278,19 +284,21 @@ class GuestMemory:
         self._need_vm()
         if region is not None and not region.log_dirty:
             raise ValueError(f"slot {region.slot} does not log dirty pages (start_dirty_log() or log_dirty=True)")
+        from array import array
+
         pages: set[int] = set()
         for r in [region] if region is not None else [r for r in self.regions if r.log_dirty]:
             bitmap = self.vm.get_dirty_log(r.slot, r.size)
-            bits = int.from_bytes(bitmap, "little")
-            if not bits:
+            if not bitmap.strip(b"\0"):
                 continue
             if self._manual_protect:
                 self.vm.clear_dirty_log(r.slot, 0, r.size // PAGE_SIZE, bitmap)
             first = r.gpa // PAGE_SIZE
-            while bits:
-                low = bits & -bits
-                pages.add(first + low.bit_length() - 1)
-                bits ^= low
+            for index, word in enumerate(array("Q", bitmap)):  # 64 pages a word; most words are 0
+                while word:
+                    low = word & -word
+                    pages.add(first + index * 64 + low.bit_length() - 1)
+                    word ^= low
         return pages
 
     def _need_vm(self) -> None:
