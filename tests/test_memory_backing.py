@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from pykvm import host
+from pykvm._native_loader import lib
 from pykvm.errors import MemoryBackingError
 from pykvm.memory import GuestMemory
 from pykvm.memory_backing import MemoryBacking, hugepages_backing, smaps
@@ -208,11 +209,15 @@ def test_dirty_pages_are_exactly_the_pages_the_guest_wrote_and_its_page_tables(b
         dirty = m.memory.dirty_pages()
         # The tables were written by the host with Accessed/Dirty clear; the walks set them: each level is written.
         assert dirty == first | tables, (sorted(dirty), sorted(first), sorted(tables))
-        assert m.memory.dirty_pages() == set()  # since the last call: nothing
+        assert m.memory.dirty_pages() == set()  # since the last call: nothing (the bits were cleared)
+        assert m.memory._manual_protect == bool(
+            m.vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))  # KVM_CLEAR_DIRTY_LOG where KVM has it
         _, second = touch(m, 0x5FE000, 3)  # load_guest rewrote the tables from the host: A/D bits clear again
         tables = table_pages(m, [0x100000, 0x5FE000, 0x600000])
         dirty = m.memory.dirty_pages()
         assert dirty == second | tables  # the first run's pages were not written again
+        touch(m, 0x400000, 5)  # written again after being reported: logged again (the pages were re-protected)
+        assert m.memory.dirty_pages() == first | table_pages(m, [0x100000, 0x400000])
         m.memory.stop_dirty_log()
         assert not m.memory.dirty_logging and not any(r.log_dirty for r in m.memory.regions)
         assert m.memory.dirty_pages() == set()  # no slot logs
@@ -232,6 +237,20 @@ def test_dirty_pages_of_one_region_and_regions_added_while_logging():
         assert m.memory.dirty_pages(extra) == {0x2002, 0x2003, 0x2004}
         with pytest.raises(ValueError, match="does not log dirty pages"):
             m.memory.dirty_pages(ro)
+
+
+@pytest.mark.kvm
+def test_dirty_pages_without_manual_protect_as_on_older_kvm():
+    from pykvm import Machine
+
+    with Machine(memory="16M") as m:
+        m.memory._manual_protect = False  # as where KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET clears
+        m.memory.start_dirty_log()
+        _, pages = touch(m, 0x400000, 4)
+        assert m.memory.dirty_pages() == pages | table_pages(m, [0x100000, 0x400000])
+        assert m.memory.dirty_pages() == set()
+        touch(m, 0x400000, 4)
+        assert m.memory.dirty_pages() >= pages
 
 
 def test_dirty_logging_needs_a_vm():
