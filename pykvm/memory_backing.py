@@ -135,9 +135,10 @@ def hugepages_backing(size: int, prealloc: bool = False, merge: bool = False) ->
            + ", ".join(f"{point}: {pools.get(page, (0, 0))[1]} free {_size_text(page)}" for point, page in mounts)
            + ")") if mounts else "no hugetlbfs is mounted"
     mode = host.thp_mode()
-    then = ("transparent huge pages (MADV_HUGEPAGE) instead" if mode in ("always", "madvise")
-            else f"4 KiB pages: transparent huge pages are {mode or 'absent'} too")
-    return MemoryBacking(prealloc=prealloc, thp=True, merge=merge), f"--hugepages: {why}; using {then}"
+    thp = mode in ("always", "madvise")
+    then = "transparent huge pages (MADV_HUGEPAGE) instead" if thp else \
+        f"4 KiB pages: transparent huge pages are {mode or 'absent'} too"
+    return MemoryBacking(prealloc=prealloc, thp=thp or None, merge=merge), f"--hugepages: {why}; using {then}"
 
 
 def _hugetlbfs_file(directory: str, size: int) -> int:

@@ -94,10 +94,11 @@ def test_check_notes_what_the_host_will_not_do(monkeypatch):
     assert "guest RAM stays in 4 KiB pages" in MemoryBacking(thp=True).check(SIZE)[0]
     monkeypatch.setattr(host, "hugetlbfs_mounts", lambda: [])
     backing, note = hugepages_backing(SIZE)
-    assert backing.thp and backing.mem_path is None
+    assert backing.thp is None and backing.mem_path is None and backing.check(SIZE) == []  # said once
     assert note == "--hugepages: no hugetlbfs is mounted; using 4 KiB pages: transparent huge pages are never too"
     monkeypatch.setattr(host, "thp_mode", lambda: "madvise")
-    assert hugepages_backing(SIZE)[1].endswith("using transparent huge pages (MADV_HUGEPAGE) instead")
+    backing, note = hugepages_backing(SIZE)
+    assert backing.thp and note.endswith("using transparent huge pages (MADV_HUGEPAGE) instead")
 
 
 def test_mem_path_must_be_hugetlbfs(tmp_path):
