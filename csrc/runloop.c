@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include <x86intrin.h>
 
@@ -65,6 +66,12 @@ int pykvm_munmap(void *addr, uint64_t size)
 int pykvm_madvise(void *addr, uint64_t size, int advice)
 {
     return madvise(addr, size, advice) < 0 ? -errno : 0;
+}
+
+long long pykvm_statfs_type(const char *path)
+{
+    struct statfs st;
+    return statfs(path, &st) < 0 ? -errno : (long long)st.f_type;
 }
 
 static void kick_handler(int signo) { (void)signo; }

@@ -138,6 +138,9 @@ void *pykvm_mmap_fd(int fd, uint64_t size, int *err);
 int pykvm_munmap(void *addr, uint64_t size);
 int pykvm_madvise(void *addr, uint64_t size, int advice);
 
+/* statfs(2)'s f_type for path (e.g. HUGETLBFS_MAGIC), or -errno. */
+long long pykvm_statfs_type(const char *path);
+
 /* A no-op handler for the vCPU kick signal: its only job is to make a
  * blocked KVM_RUN return EINTR.  Installed without SA_RESTART. */
 int pykvm_install_kick_handler(int signo);

@@ -26,6 +26,7 @@ _LAZY = {
     "Vm": "pykvm.vm",
     "Vcpu": "pykvm.vcpu",
     "GuestMemory": "pykvm.memory",
+    "MemoryBacking": "pykvm.memory_backing",
     "Machine": "pykvm.platform.machine",
     "RunResult": "pykvm.platform.results",
     "Tracer": "pykvm.inspect.tracer",

@@ -26,6 +26,7 @@ KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KVM_REINJECT_CONTROL KVM_IRQ_LINE KVM_IOEVENT
 KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2 KVM_SET_GSI_ROUTING
 KVM_GET_CLOCK KVM_SET_CLOCK KVM_GET_TSC_KHZ KVM_GET_XSAVE KVM_SET_XSAVE KVM_SIGNAL_MSI
 KVM_REGISTER_COALESCED_MMIO KVM_UNREGISTER_COALESCED_MMIO KVM_GET_DIRTY_LOG
+KVM_CLEAR_DIRTY_LOG KVM_ENABLE_CAP KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 KVM_CREATE_VCPU KVM_GET_STATS_FD KVM_RUN
 KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_CPUID2 KVM_SET_CPUID2
@@ -83,6 +84,9 @@ LIBC_CDEF = """
 #define MADV_HUGEPAGE ...
 #define MADV_DONTNEED ...
 #define MADV_MERGEABLE ...
+#define MADV_NOHUGEPAGE ...
+#define MADV_POPULATE_WRITE ...
+#define HUGETLBFS_MAGIC ...
 #define SIGUSR1 ...
 """
 
@@ -123,7 +127,8 @@ def make_ffi() -> FFI:
     ffi.cdef(LIBC_CDEF + runloop_cdef((CSRC / "runloop.h").read_text()) + guarded_cdef)
     ffi.set_source(
         "pykvm._native",
-        '#include <signal.h>\n#include <stddef.h>\n#include <sys/mman.h>\n#include "runloop.h"\n'
+        '#include <signal.h>\n#include <stddef.h>\n#include <sys/mman.h>\n#include <linux/magic.h>\n'
+        '#include "runloop.h"\n'
         "#define PYKVM_ROUTING_U_OFFSET offsetof(struct kvm_irq_routing_entry, u)\n"
         "#define PYKVM_IRQCHIP_CHIP_OFFSET offsetof(struct kvm_irqchip, chip)\n" + guarded_src,
         sources=[str(CSRC / "runloop.c")],

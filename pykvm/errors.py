@@ -117,6 +117,10 @@ class GuestMemoryError(PykvmError, ValueError):
     """A host-side access to guest memory fell outside every mapped region."""
 
 
+class MemoryBackingError(PykvmError, ValueError):
+    """Guest RAM cannot be backed as asked (-mem-path not hugetlbfs, too few free huge pages, ...)."""
+
+
 class LoaderError(PykvmError, ValueError):
     """A guest image is malformed, missing or does not fit in guest memory."""
 

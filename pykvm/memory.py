@@ -1,9 +1,15 @@
-"""Guest physical memory: anonymous mappings registered as KVM memory slots.
+"""Guest physical memory: host mappings registered as KVM memory slots, and their dirty log.
 
 ``GuestMemory`` owns each mapping (mmap/munmap) and the slot that exposes it
 to the guest (KVM_SET_USER_MEMORY_REGION).  Every host-side access is checked
 against the regions, so no bug in a device model or a hostile guest address
-can make the host touch memory outside the guest's.
+can make the host touch memory outside the guest's.  A mapping is anonymous
+memory unless a ``pykvm.memory_backing.MemoryBacking`` says otherwise
+(prealloc, hugetlbfs, THP, KSM).
+
+The dirty log, for live migration and the like: ``start_dirty_log()``, then
+``dirty_pages()`` -- the guest page numbers written since the previous call
+-- as often as needed, then ``stop_dirty_log()``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pykvm.values import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from pykvm.memory_backing import MemoryBacking
     from pykvm.vm import Vm
 
 PAGE_SIZE = 4096
@@ -103,34 +110,52 @@ class GuestMemory:
         self.vm = vm
         self.regions: list[MemoryRegion] = []
         self._next_slot = 0
+        self._dirty_logging = False  # start_dirty_log() .. stop_dirty_log(): every writable region logs
+        self._manual_protect: bool | None = None  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled (None: not asked yet)
 
     # -- regions -------------------------------------------------------------
     def add_region(
-        self, gpa: int, size: int, *, readonly: bool = False, log_dirty: bool = False, hugepages: bool = False
+        self, gpa: int, size: int, *, readonly: bool = False, log_dirty: bool = False, hugepages: bool = False,
+        backing: "MemoryBacking | None" = None,
     ) -> MemoryRegion:
-        """Map ``size`` bytes of fresh zeroed memory at guest-physical ``gpa``."""
+        """Map ``size`` bytes of fresh zeroed memory at guest-physical ``gpa``.
+
+        ``backing`` (``pykvm.memory_backing.MemoryBacking``) chooses prealloc,
+        hugetlbfs, THP or KSM; the default is plain anonymous memory.
+        ``hugepages=True`` is the THP hint alone (MADV_HUGEPAGE).
+        """
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
             raise ValueError(f"region {gpa:#x}+{size:#x} must be page-aligned and non-empty")
         for r in self.regions:
             if gpa < r.end and r.gpa < gpa + size:
                 raise ValueError(f"region {gpa:#x}-{gpa + size - 1:#x} overlaps slot {r.slot} at {r.gpa:#x}-{r.end - 1:#x}")
-        err = ffi.new("int *")
-        ptr = lib.pykvm_mmap_anon(size, err)
-        if ptr == ffi.NULL:
-            raise KvmError("mmap(guest memory)", err[0], f"{size} bytes")
+        if backing is not None:
+            from pykvm.memory_backing import map_memory  # only when a backing is asked for
+
+            ptr = map_memory(size, backing)
+        else:
+            err = ffi.new("int *")
+            ptr = lib.pykvm_mmap_anon(size, err)
+            if ptr == ffi.NULL:
+                raise KvmError("mmap(guest memory)", err[0], f"{size} bytes")
         if hugepages:
             lib.pykvm_madvise(ptr, size, lib.MADV_HUGEPAGE)  # a hint; THP is 'madvise' on many hosts
+        log_dirty = log_dirty or (self._dirty_logging and not readonly)
         region = MemoryRegion(self._next_slot, gpa, size, int(ffi.cast("uintptr_t", ptr)), readonly, log_dirty, ptr)
         if self.vm is not None:
-            flags = (lib.KVM_MEM_READONLY if readonly else 0) | (lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
             try:
-                self.vm.set_user_memory_region(region.slot, gpa, size, region.hva, flags)
+                self._register(region)
             except KvmError:
                 lib.pykvm_munmap(ptr, size)
                 raise
         self._next_slot += 1
         self.regions.append(region)
         return region
+
+    def _register(self, region: MemoryRegion) -> None:
+        """KVM_SET_USER_MEMORY_REGION for ``region`` with its current flags (also to change them)."""
+        flags = (lib.KVM_MEM_READONLY if region.readonly else 0) | (lib.KVM_MEM_LOG_DIRTY_PAGES if region.log_dirty else 0)
+        self.vm.set_user_memory_region(region.slot, region.gpa, region.size, region.hva, flags)
 
     def remove_region(self, region: MemoryRegion) -> None:
         """Delete the slot from the VM, then unmap its memory (in that order)."""
@@ -216,18 +241,81 @@ class GuestMemory:
         r = self.region_at(gpa)
         return r.hva + (gpa - r.gpa)
 
-    def dirty_pages(self, region: MemoryRegion) -> list[int]:
-        """KVM_GET_DIRTY_LOG for a region: guest-physical addresses of pages written since last asked."""
-        if self.vm is None or not region.log_dirty:
-            raise ValueError("dirty logging needs a VM and a region added with log_dirty=True")
-        bitmap = self.vm.get_dirty_log(region.slot, region.size)
-        bits = int.from_bytes(bitmap, "little")
-        pages = []
-        while bits:
-            low = bits & -bits
-            pages.append(region.gpa + (low.bit_length() - 1) * PAGE_SIZE)
-            bits ^= low
+    # -- dirty-page logging (api.rst 4.8 KVM_GET_DIRTY_LOG, 4.117 KVM_CLEAR_DIRTY_LOG) ---------------
+    def start_dirty_log(self) -> None:
+        """Log the guest's writes to every writable region (and to regions added later) from now on.
+
+        Each slot is registered again with KVM_MEM_LOG_DIRTY_PAGES: KVM
+        write-protects its pages and sets a bit per 4 KiB page at the first
+        write.  Host writes (``write()``, devices) are not logged.
+        """
+        self._need_vm()
+        self._dirty_log_mode()
+        self._dirty_logging = True
+        for region in self.regions:
+            if not region.readonly and not region.log_dirty:
+                region.log_dirty = True
+                self._register(region)
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging: every slot registered again without KVM_MEM_LOG_DIRTY_PAGES."""
+        self._need_vm()
+        self._dirty_logging = False
+        for region in self.regions:
+            if region.log_dirty:
+                region.log_dirty = False
+                self._register(region)
+
+    @property
+    def dirty_logging(self) -> bool:
+        """Between start_dirty_log() and stop_dirty_log()."""
+        return self._dirty_logging
+
+    def dirty_pages(self, region: MemoryRegion | None = None) -> set[int]:
+        """Guest page numbers (GPA // 4096) the guest wrote since the last call, or since logging started.
+
+        One region, or every region that logs.  KVM_GET_DIRTY_LOG reads each
+        slot's bitmap; with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (enabled where
+        KVM has it) KVM_CLEAR_DIRTY_LOG then write-protects exactly the pages
+        reported, otherwise KVM_GET_DIRTY_LOG does that itself.  Either way a
+        write after this returns is in the next answer: copy the pages after
+        calling, never before (live migration's order).
+        """
+        self._need_vm()
+        if region is not None and not region.log_dirty:
+            raise ValueError(f"slot {region.slot} does not log dirty pages (start_dirty_log() or log_dirty=True)")
+        from array import array
+
+        pages: set[int] = set()
+        for r in [region] if region is not None else [r for r in self.regions if r.log_dirty]:
+            bitmap = self.vm.get_dirty_log(r.slot, r.size)
+            if not bitmap.strip(b"\0"):
+                continue
+            if self._manual_protect:
+                self.vm.clear_dirty_log(r.slot, 0, r.size // PAGE_SIZE, bitmap)
+            first = r.gpa // PAGE_SIZE
+            for index, word in enumerate(array("Q", bitmap)):  # 64 pages a word; most words are 0
+                while word:
+                    low = word & -word
+                    pages.add(first + index * 64 + low.bit_length() - 1)
+                    word ^= low
         return pages
+
+    def _need_vm(self) -> None:
+        if self.vm is None:
+            raise ValueError("dirty logging needs guest memory of a VM (GuestMemory(vm))")
+
+    def _dirty_log_mode(self) -> None:
+        """Once per VM, before the first slot logs: KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) where KVM has it.
+
+        Then KVM_GET_DIRTY_LOG only reads, and KVM_CLEAR_DIRTY_LOG re-protects
+        the reported pages (QEMU clears them in chunks; pykvm per slot).
+        """
+        if self._manual_protect is None:
+            caps = self.vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+            self._manual_protect = bool(caps & lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+            if self._manual_protect:
+                self.vm.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 
     def describe(self) -> str:
         return ", ".join(

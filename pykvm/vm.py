@@ -78,6 +78,31 @@ class Vm(FdOwner):
         self._ioctl("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
         return bytes(ffi.buffer(bitmap))
 
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG: write-protect again the pages of ``slot`` whose bits are set in ``bitmap``.
+
+        Only with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled (then KVM_GET_DIRTY_LOG
+        neither clears nor protects).  Bit 0 of ``bitmap`` is ``first_page``, a
+        multiple of 64; ``num_pages`` is a multiple of 64 or reaches the slot's end.
+        """
+        buffer = ffi.new("uint8_t[]", max(len(bitmap), 8))
+        ffi.memmove(buffer, bitmap, len(bitmap))
+        log = ffi.new("struct kvm_clear_dirty_log *", {"slot": slot, "num_pages": num_pages, "first_page": first_page})
+        log.dirty_bitmap = buffer
+        self._ioctl("KVM_CLEAR_DIRTY_LOG", lib.KVM_CLEAR_DIRTY_LOG, log)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM fd: turn on capability ``cap`` with up to four ``args``.
+
+        E.g. KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE.
+        """
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
+        spec = ffi.new("struct kvm_enable_cap *", {"cap": cap, "flags": flags})
+        for i, value in enumerate(args):
+            spec.args[i] = value
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, spec)
+
     # -- x86 setup -------------------------------------------------------------
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode)."""

@@ -39,7 +39,7 @@ def run_lab(script: str) -> str:
 
 def test_every_lab_has_a_page_and_an_index_entry():
     scripts = sorted(p.name for p in LABS.glob("[0-9][0-9]_*.py"))
-    assert len(scripts) >= 7
+    assert len(scripts) >= 8
     index = (LABS / "README.md").read_text()
     for script in scripts:
         page = script[:2] + "-" + script[3:-3].replace("_", "-") + ".md"
@@ -187,3 +187,30 @@ def test_07_cpl0_vs_cpl3():
         assert emulated[1] < 100 and emulated[2] < 100  # native: the loop is never emulated
     assert "primes64u (CPL 3): 'primes below 100000: 9592'" in out
     assert re.search(r"^check: .*ok$", out, re.MULTILINE)
+
+
+_TABLE8 = re.compile(r"^  (anonymous, 4 KiB|prealloc, 4 KiB|anonymous, THP|prealloc, THP|hugetlbfs \(-mem-path\))\s+"
+                     r"([\d.]+) ms\s+(\d+) MiB\s+([\d.]+) ms\s+([\d.]+) us\s+(\d+)$", re.MULTILINE)
+
+
+def test_08_memory_backing():
+    from pykvm import host
+
+    ksm, pools = host.ksm_run(), host.hugepage_pools()
+    out = run_lab("08_memory_backing.py")
+    assert host.ksm_run() == ksm and host.hugepage_pools() == pools  # what the lab changed, it put back
+    rows = {m.group(1): m.groups() for m in _TABLE8.finditer(out)}
+    assert {"anonymous, 4 KiB", "prealloc, 4 KiB", "anonymous, THP", "prealloc, THP"} <= set(rows)
+    for label, g in rows.items():
+        rss = int(g[2])
+        assert rss == 256 if label.startswith(("prealloc", "hugetlbfs")) else rss < 64, label
+    assert int(rows["anonymous, 4 KiB"][5]) >= 32768  # a KVM page fault (an exit) per 4 KiB page at least
+    if host.thp_mode() in ("always", "madvise"):
+        assert int(rows["prealloc, THP"][5]) < 32768 // 10  # one per 2 MiB, plus the run's own
+    assert "hugetlbfs: not measured:" in out or "hugetlbfs (-mem-path)" in rows
+    assert len(re.findall(r"^  .{22}\s+\d+ MiB\s+[\d.]+ ns\s+[\d.]+x$", out, re.MULTILINE)) == len(rows)
+    if "the lab turned it on" in out or "KSM was on" in out:
+        merging = int(re.search(r"ksm_merging_pages (\d+)", out).group(1))
+        assert 2 * 8192 <= merging < 3 * 8192
+        assert "KSM merged A with B, not C: ok" in out
+    assert out.rstrip().endswith("result: ok")

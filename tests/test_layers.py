@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pykvm.errors", "pykvm.host", "pykvm.stop_signals", "pykvm.ratelimit", "pykvm.platform.layout"),
     ("pykvm._native", "pykvm.fdowner"),  # the compiled extension (csrc/ through cffi)
     ("pykvm._native_loader",),
-    ("pykvm.exits", "pykvm.stats"),     # the raw layer, bottom up: exit values and the stats fd,
+    ("pykvm.exits", "pykvm.stats",      # the raw layer, bottom up: exit values and the stats fd,
+     "pykvm.memory_backing"),           # how guest RAM is mapped (hugetlbfs, THP, KSM, prealloc),
     ("pykvm.vcpu",),                    # then the vCPU fd,
     ("pykvm.vm", "pykvm.memory"),       # the VM fd and its memory slots,
     ("pykvm.system",),                  # the /dev/kvm fd

@@ -112,13 +112,13 @@ def main() -> None:
               f" + GVA {ALIAS_GVA:#x} -> GPA {ALIAS_GPA:#x} (4 KiB); CR3 <- {tables.cr3:#x}")
 
         m.memory.write(DIRTY_GPA + 5 * PAGE, b"host")  # a host write: not logged
-        before = m.memory.dirty_pages(dirty)
+        before = sorted(m.memory.dirty_pages(dirty))  # page numbers: GPA // 4096
 
         result1 = m.run(timeout=10)
         bitmap = m.vm.get_dirty_log(dirty.slot, dirty.size)        # KVM_GET_DIRTY_LOG (and clear)
-        again = m.memory.dirty_pages(dirty)
+        again = sorted(m.memory.dirty_pages(dirty))
         result2 = m.run(timeout=10)                                # resumes after the first hlt
-        after2 = m.memory.dirty_pages(dirty)
+        after2 = [p * PAGE for p in sorted(m.memory.dirty_pages(dirty))]
 
         # -- Part 1: the address chain ------------------------------------------------
         print(f"\nPart 1: one guest-virtual address down to host-physical: GVA {ALIAS_GVA:#x}")

@@ -42,7 +42,7 @@ class RunConfig(Value):
         "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
         "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
         "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
-        "monitor_script", "summary", "stats", "stats_json", "drives",
+        "monitor_script", "summary", "stats", "stats_json", "drives", "mem_merge", "memory_backing", "memory_notes",
     )
     __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
 
@@ -82,6 +82,9 @@ class RunConfig(Value):
         stats: bool = False,
         stats_json: str | None = None,
         drives: list | None = None,
+        mem_merge: bool = False,
+        memory_backing=None,
+        memory_notes: list[str] | None = None,
     ) -> None:
         self.guest = guest
         self.kernel = kernel
@@ -118,6 +121,9 @@ class RunConfig(Value):
         self.stats = stats
         self.stats_json = stats_json
         self.drives = [] if drives is None else drives  # pykvm.cli.drives.Drive, checked
+        self.mem_merge = mem_merge  # -machine mem-merge=on|off, --mem-merge
+        self.memory_backing = memory_backing  # pykvm.memory_backing.MemoryBacking; None: anonymous RAM
+        self.memory_notes = [] if memory_notes is None else memory_notes  # what the backing cannot do here
 
 
 def number(text: str, what: str) -> int:
@@ -201,8 +207,9 @@ def _machine(config: RunConfig, text: str) -> None:
             if value not in IRQCHIP_MODES:
                 raise UsageError(f"-machine kernel_irqchip={value}: use on, off or split")
             config.irqchip = value
-        elif key in ("usb", "vmport", "hpet", "pit", "pic", "rtc", "acpi", "graphics", "smm", "dump-guest-core",
-                     "mem-merge"):
+        elif key == "mem-merge":
+            config.mem_merge = _on_off(value, "-machine mem-merge")
+        elif key in ("usb", "vmport", "hpet", "pit", "pic", "rtc", "acpi", "graphics", "smm", "dump-guest-core"):
             _on_off(value, f"-machine {key}")  # accepted, checked, and left to the machine type
         else:
             raise UsageError(f"-machine {text}: unknown property {key!r}")
@@ -307,6 +314,29 @@ def input_bytes(text: str) -> bytes:
     return bytes(out)
 
 
+def _memory_backing(config: RunConfig, parsed: Parsed) -> None:
+    """-mem-prealloc, -mem-path, --hugepages, mem-merge: the backing, checked against this host before anything is made."""
+    prealloc, path, huge = parsed.flag("mem_prealloc"), parsed.get("mem_path"), parsed.flag("hugepages")
+    if not (prealloc or path is not None or huge or config.mem_merge):
+        return
+    from pykvm.errors import MemoryBackingError
+    from pykvm.memory_backing import MemoryBacking, hugepages_backing
+
+    notes = []
+    if path is not None:
+        backing = MemoryBacking(prealloc=prealloc, mem_path=path, merge=config.mem_merge)
+    elif huge:
+        backing, note = hugepages_backing(config.memory, prealloc=prealloc, merge=config.mem_merge)
+        notes += [note] if note else []
+    else:
+        backing = MemoryBacking(prealloc=prealloc, merge=config.mem_merge)
+    try:
+        notes += backing.check(config.memory)
+    except MemoryBackingError as exc:
+        raise UsageError(f"-mem-path: {exc}") from None
+    config.memory_backing, config.memory_notes = backing, notes
+
+
 def run_config(parsed: Parsed) -> RunConfig:
     """Check every option and build the configuration (UsageError for the first bad one)."""
     from pykvm.x86.state import MODES
@@ -323,6 +353,9 @@ def run_config(parsed: Parsed) -> RunConfig:
         c.cpus, c.topology = _smp(parsed.get("smp"))
     for text in parsed.all("machine"):
         _machine(c, text)
+    if parsed.flag("mem_merge"):
+        c.mem_merge = True
+    _memory_backing(c, parsed)
     if "accel" in parsed and parsed.get("accel").split(",")[0] != "kvm":
         raise UsageError(f"-accel {parsed.get('accel')}: pykvm has only kvm")
     if "cpu" in parsed:

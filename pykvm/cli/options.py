@@ -23,7 +23,11 @@ RUN_OPTIONS: list[Option] = [
     Option(("-smp",), "N[,...]", "vCPUs: N[,cores=,threads=,sockets=,maxcpus=]: a host thread each"),
     Option(("-machine", "-M"), "TYPE[,...]", "pc (fw_cfg, CMOS, ACPI, PCI, in-kernel irqchip; the default for "
            "kernels) or microvm (pykvm's basic machine; the default for flat images); accel=kvm, "
-           "kernel_irqchip=on|off|split", dest="machine", repeat=True),
+           "kernel_irqchip=on|off|split, mem-merge=on|off (KSM)", dest="machine", repeat=True),
+    Option(("-mem-prealloc",), None, "allocate all of guest RAM before the guest starts (MADV_POPULATE_WRITE)",
+           dest="mem_prealloc"),
+    Option(("-mem-path",), "DIR", "guest RAM from an unlinked file in the hugetlbfs mount DIR (needs its free "
+           "huge pages)", dest="mem_path"),
     Option(("-cpu",), "MODEL[,...]", "host[,+feature,-feature]: KVM's CPUID with QEMU's feature names"),
     Option(("-accel",), "ACCEL", "kvm (the only accelerator)"),
     Option(("-enable-kvm",), None, "the same as -accel kvm", dest="enable_kvm"),
@@ -68,6 +72,10 @@ RUN_OPTIONS: list[Option] = [
     Option(("--load-addr",), "ADDR", "load address of a flat image (default 0x100000, real mode 0x8000)",
            kind=P),
     Option(("--args",), "A0[,A1]", "guest arguments in EDI/RDI and ESI/RSI", kind=P),
+    Option(("--hugepages",), None, "RAM in huge pages: a hugetlbfs mount with enough free pages, else "
+           "transparent huge pages (MADV_HUGEPAGE)", kind=P),
+    Option(("--mem-merge",), None, "let KSM merge identical guest pages (MADV_MERGEABLE; -machine mem-merge=on)",
+           kind=P, dest="mem_merge"),
     Option(("--timeout",), "S", "stop after S seconds (exit 124)", kind=P),
     Option(("--strict",), None, "an access to an unmapped port or address stops the run (exit 3)", kind=P),
     Option(("--no-c-loop",), None, "handle every exit in Python (for comparison)", kind=P),

@@ -220,9 +220,11 @@ class Session:
             reason = "-smp" if cpus > 1 else "-M pc" if platform == "pc" else "-machine kernel_irqchip=on"
             raise UsageError(f"{c.guest} ends with HLT, which the in-kernel irqchip ({reason} needs it) keeps "
                              "waiting for an interrupt: it would never end")
+        for note in c.memory_notes:  # what -mem-path/--hugepages/--mem-merge cannot do on this host
+            stderr(f"pykvm: warning: {note}")
         try:
             self.machine = Machine(
-                memory=c.memory, strict=c.strict, c_loop=c.c_loop, serial=sink,
+                memory=c.memory, memory_backing=c.memory_backing, strict=c.strict, c_loop=c.c_loop, serial=sink,
                 irqchip=irqchip, kernel_stats=c.stats or c.stats_json is not None,
                 cpus=cpus, threads=topology.get("threads", 1), cores=topology.get("cores"),
                 cpu_features=c.cpu_features, platform=platform,

@@ -205,6 +205,14 @@ GUESTS: dict[str, GuestInfo] = {
             "(9592 below 100000, 78498 below 1000000)",
         ),
         _guest(
+            "memtouch64u",
+            "long_user",
+            "writes its own address into the first quadword of every 4 KiB page of a range, natively at "
+            "CPL 3 (dirty logging, KSM, the TLB's reach: docs/labs/08-memory-backing.md)",
+            "arg0 (RDI) = first address (0 means 0x200000); arg1 (RSI) = pages (bits 0-31, 0 means 256) "
+            "| passes << 32 (0 means 1); result RAX = writes made",
+        ),
+        _guest(
             "bench32",
             "protected",
             "exit benchmark loop; also a Multiboot v1 kernel (a.out kludge) that "

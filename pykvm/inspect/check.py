@@ -36,6 +36,7 @@ CAPABILITIES = [
     ("KVM_CAP_NR_MEMSLOTS", False, "memory slots per VM"),
     ("KVM_CAP_MAX_VCPUS", False, "vCPUs per VM"),
     ("KVM_CAP_TSC_CONTROL", False, "guest TSC frequency"),
+    ("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", False, "dirty_pages() re-protects with KVM_CLEAR_DIRTY_LOG"),
 ]
 
 
@@ -91,6 +92,7 @@ def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
             if missing:
                 lines.append("  note: the <linux/kvm.h> pykvm was built with lacks " + ", ".join(missing)
                              + " (features that need them are disabled)")
+    checks += memory_checks()
     lines[:0] = [c.render() for c in checks]
     if usable:
         lines.append("")
@@ -105,6 +107,42 @@ def run_check(device: str = "/dev/kvm") -> tuple[bool, list[str]]:
         lines.append("  Benchmarks report ratios measured in the same run for this reason.")
     lines.append("KVM acceleration can be used" if usable else "KVM acceleration can NOT be used")
     return usable, lines
+
+
+def _pages(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+
+
+def memory_checks() -> list[CheckLine]:
+    """KSM, transparent huge pages and hugetlbfs: what --mem-merge, --hugepages and -mem-path can do here."""
+    from pykvm import host
+
+    checks = []
+    run = host.ksm_run()
+    if run is None:
+        checks.append(CheckLine(False, "KSM", "not in this kernel (--mem-merge has no effect)", required=False))
+    else:
+        state = {0: "off", 1: "running", 2: "unmerging"}.get(run, str(run))
+        counters = host.ksm_counters()
+        detail = f"{state} ({host.KSM_DIR}/run = {run}); pages_sharing {counters.get('pages_sharing', 0)}"
+        if run != 1:
+            detail += "; --mem-merge marks pages mergeable but nothing merges (root: echo 1 > run)"
+        checks.append(CheckLine(run == 1, "KSM", detail, required=False))
+    thp = host.thp_mode()
+    detail = {"always": "always (every large anonymous mapping)", "madvise": "madvise (--hugepages asks with "
+              "MADV_HUGEPAGE)", "never": "never (--hugepages falls back to 4 KiB pages)"}.get(thp, "absent")
+    checks.append(CheckLine(thp in ("always", "madvise"), "transparent huge pages", detail, required=False))
+    pools = host.hugepage_pools()
+    pool_text = ", ".join(f"{_pages(size)}: {free} free of {total}" for size, (total, free) in pools.items())
+    mounts = host.hugetlbfs_mounts()
+    if mounts:
+        detail = ", ".join(f"{point} ({_pages(page)} pages)" for point, page in mounts) + f"; pools {pool_text}"
+        usable = any(pools.get(page, (0, 0))[1] for _, page in mounts)
+    else:
+        detail = f"no mount (-mem-path needs one); pools {pool_text or 'none'}"
+        usable = False
+    checks.append(CheckLine(usable, "hugetlbfs", detail, required=False))
+    return checks
 
 
 def probe_modes(device: str = "/dev/kvm") -> list[str]:

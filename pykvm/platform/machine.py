@@ -96,6 +96,8 @@ class Machine:
     ``-cpu``'s ``(name, on)`` edits (``pykvm.platform.cpuid``).
     ``platform``: ``basic`` or ``pc`` (:data:`PLATFORMS`; ``pc`` implies the
     irqchip and may carry ``pc_testdev`` and ``pci_testdev``).
+    ``memory_backing``: how RAM is mapped (``pykvm.memory_backing.MemoryBacking``:
+    prealloc, hugetlbfs, THP, KSM); None is plain anonymous memory.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class Machine:
         pc_testdev: bool = False,
         pci_testdev: bool = False,
         kvm: Kvm | None = None,
+        memory_backing=None,
     ) -> None:
         self.memory_size = parse_size(memory)
         if self.memory_size < MIN_MEMORY:
@@ -161,7 +164,7 @@ class Machine:
             self.vm = self.kvm.create_vm()
             self.memory = GuestMemory(self.vm)
             for base, size in layout.ram_regions(self.memory_size):
-                self.memory.add_region(base, _round_up(size))
+                self.memory.add_region(base, _round_up(size), backing=memory_backing)
             if irqchip:
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
