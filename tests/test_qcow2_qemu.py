@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from pykvm.bench.common import child_env  # the child imports this tree's pykvm, run from tmp_path
 from pykvm.block import check_qcow2, create_image, open_image
 from pykvm.block.imgtool import image_info
 from block_helpers import o_direct_works
@@ -299,7 +300,7 @@ def test_sigkill_at_20_moments_leaves_an_image_qemu_img_accepts(tmp_path):
         cache = modes[moment % 4]
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(moment), cache],
                                  stdout=subprocess.PIPE, cwd=tmp_path,
-                                 env={**os.environ, "PYKVM_TESTS_DIR": os.path.dirname(__file__)})
+                                 env={**child_env(), "PYKVM_TESTS_DIR": os.path.dirname(__file__)})
         assert child.stdout.readline() == b"ready\n"
         done = 0
         while done < writes:
