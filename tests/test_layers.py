@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pykvm.devices",),
     ("pykvm.virtio",),
     ("pykvm.guests",),
+    ("pykvm.state.snapshot_format", "pykvm.state.snapshot"),  # a machine's state: below the platform, which
+                                                              # offers Machine.save/restore through them
     ("pykvm.platform",),
     ("pykvm.inspect",),
     ("pykvm.state",),

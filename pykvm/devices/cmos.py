@@ -158,6 +158,24 @@ class Cmos:
         self._latched_ns = now  # every event up to here is in register C
         self._periodic_next: int | None = None  # 32 kHz cycle of the next periodic event
 
+    # -- snapshots (pykvm.state.snapshot) ----------------------------------------------
+    def save_state(self) -> dict:
+        """RAM, index, NMI mask, register C, the line, the clock's offset and latches (version 1).
+
+        Times are host wall-clock ns: restored, the RTC follows the host's clock (QEMU's base=utc)."""
+        return {"version": 1, "ram": bytes(self._ram), "index": self._index, "nmi_masked": self._nmi_masked,
+                "flags": self._flags, "irq": self._irq_level, "offset_ns": self._offset_ns,
+                "latched_ns": self._latched_ns, "periodic_next": self._periodic_next}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self._ram[:] = s["ram"]
+        self._index, self._nmi_masked, self._flags = s["index"], s["nmi_masked"], s["flags"]
+        self._irq_level, self._offset_ns, self._latched_ns = s["irq"], s["offset_ns"], s["latched_ns"]
+        self._periodic_next = s["periodic_next"]
+
     # -- the host's side -----------------------------------------------------------
 
     @property
