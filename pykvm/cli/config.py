@@ -42,7 +42,7 @@ class RunConfig(Value):
         "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
         "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
         "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
-        "monitor_script", "summary", "stats", "stats_json",
+        "monitor_script", "summary", "stats", "stats_json", "loadvm",
     )
     __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
 
@@ -81,6 +81,7 @@ class RunConfig(Value):
         summary: bool = False,
         stats: bool = False,
         stats_json: str | None = None,
+        loadvm: str | None = None,
     ) -> None:
         self.guest = guest
         self.kernel = kernel
@@ -116,6 +117,7 @@ class RunConfig(Value):
         self.summary = summary
         self.stats = stats
         self.stats_json = stats_json
+        self.loadvm = loadvm  # -loadvm FILE / -incoming file:FILE: the snapshot to restore (pykvm.cli.loadvm)
 
 
 def number(text: str, what: str) -> int:
@@ -311,7 +313,11 @@ def run_config(parsed: Parsed) -> RunConfig:
 
     c = RunConfig()
     c.guest, c.kernel = parsed.get("guest"), parsed.get("kernel")
-    if (c.guest is None) == (c.kernel is None):
+    if "loadvm" in parsed or "incoming" in parsed:
+        from pykvm.cli.loadvm import snapshot_option
+
+        c.loadvm = snapshot_option(parsed.get("loadvm"), parsed.get("incoming"))
+    if (c.guest is None) == (c.kernel is None) and not (c.loadvm and c.guest is None):
         raise UsageError("give a -kernel FILE or a --guest NAME (one of them)")
     c.initrd = parsed.all("initrd")
     c.append = parsed.get("append", "")

@@ -62,6 +62,7 @@ x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
 translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
+savevm FILE | loadvm FILE   (the whole machine to/from one file; the guest is paused meanwhile)
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
@@ -287,7 +288,7 @@ class Monitor:
             "step": self._cmd_step, "s": self._cmd_step,
             "break": self._cmd_break, "b": self._cmd_break,
             "delete": self._cmd_delete, "d": self._cmd_delete,
-            "wait": self._cmd_wait,
+            "wait": self._cmd_wait, "savevm": self._cmd_savevm, "loadvm": self._cmd_loadvm,
             "quit": self._cmd_quit, "q": self._cmd_quit,
             "help": self._cmd_help, "?": self._cmd_help,
         }.get(name)
@@ -316,6 +317,14 @@ class Monitor:
                 write(answer.rstrip("\n") + "\n")
             if self.quit_requested:
                 return
+
+    def _cmd_savevm(self, rest: str) -> str:
+        from pykvm.inspect.monitor_snapshot import savevm
+        return self._with_vcpu(lambda: savevm(self.machine, rest))
+
+    def _cmd_loadvm(self, rest: str) -> str:
+        from pykvm.inspect.monitor_snapshot import loadvm
+        return self._with_vcpu(lambda: loadvm(self.machine, rest))
 
     def _cmd_help(self, rest: str) -> str:
         return HELP

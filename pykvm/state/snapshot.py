@@ -47,7 +47,8 @@ from pykvm._native_loader import ffi, lib
 from pykvm.errors import DeviceError, KvmError
 from pykvm.state.snapshot_format import Snapshot, SnapshotError, load_pages, read_snapshot, write_snapshot
 
-__all__ = ["SHAPE_KEYS", "SnapshotError", "check_expected", "describe", "load_into", "restore", "save"]
+__all__ = ["SHAPE_KEYS", "SnapshotError", "check_expected", "describe", "load_into", "machine_shape", "restore",
+           "save"]
 
 #: The constructor arguments of a Machine that make its shape (Machine.shape holds them).
 SHAPE_KEYS = ("memory", "cpus", "threads", "cores", "cpu_features", "platform", "irqchip", "pc_testdev",
@@ -102,8 +103,12 @@ def _shape(description: dict) -> dict:
         shape["cpu_features"] = [(str(name), bool(on)) for name, on in shape["cpu_features"]]
         return shape
     except (KeyError, TypeError, ValueError):
-        raise SnapshotError(f"{description.get('path', 'the file')}: the machine description is incomplete "
-                            "or malformed") from None
+        raise SnapshotError("the machine description is incomplete or malformed") from None
+
+
+def machine_shape(snapshot: Snapshot) -> dict:
+    """The Machine constructor arguments of a checked snapshot's description."""
+    return _shape(snapshot.machine)
 
 
 def check_expected(snapshot: Snapshot, expected: dict) -> None:
