@@ -22,6 +22,7 @@ as in QEMU's monitor where QEMU has them::
     break ADDR [hw|sw]  breakpoint at linear ADDR (sw falls back to hw where the host cannot)
     delete [N]          delete breakpoint N, or all
     wait [SECONDS]      (pykvm) wait until the guest stops: for scripts, after cont
+    savevm FILE         the whole machine to one file (loadvm FILE: back from it; monitor_snapshot)
     quit                stop the guest and leave
 
 Addresses are numbers (``0x100000``, ``1048576``) or registers (``$rip``,
