@@ -64,6 +64,6 @@ def load(machine, snapshot) -> None:
     from pykvm.state.snapshot_format import SnapshotError
 
     try:
-        load_into(machine, snapshot)
+        load_into(machine, snapshot, fresh=True)  # the session's machine has run nothing yet
     except SnapshotError as exc:
         raise UsageError(f"-loadvm: {exc}") from None

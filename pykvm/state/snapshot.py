@@ -255,8 +255,11 @@ def _load_devices(machine, saved: list) -> None:
         raise SnapshotError(f"wrong machine: this machine has a device {extra[0]} that the snapshot lacks")
 
 
-def load_into(machine, snapshot: Snapshot) -> None:
-    """Load a checked snapshot into ``machine``, paused and of the same shape (SnapshotError if it is not)."""
+def load_into(machine, snapshot: Snapshot, *, fresh: bool = False) -> None:
+    """Load a checked snapshot into ``machine``, paused and of the same shape (SnapshotError if it is not).
+
+    ``fresh``: the machine was just made (its RAM is all zeros), so only the stored pages are written.
+    """
     check_expected(snapshot, {key: machine.shape[key] for key in SHAPE_KEYS})
     if any(loop.vcpu.runner is not None for loop in machine.loops):
         raise SnapshotError("the machine is running: pause it first")
@@ -269,7 +272,7 @@ def load_into(machine, snapshot: Snapshot) -> None:
                             f"{len(machine.vcpus)}")
     try:
         for base, size, payload in snapshot.ram:
-            load_pages(machine.memory.view(base, size), payload)
+            load_pages(machine.memory.view(base, size), payload, zeroed=fresh)
         vm = state["vm"]
         if machine.irqchip:
             for name, const in _CHIPS:
@@ -303,7 +306,7 @@ def restore(machine_class, path: str, *, setup=None, expect: dict | None = None,
     try:
         if setup is not None:
             setup(machine)
-        load_into(machine, snapshot)
+        load_into(machine, snapshot, fresh=True)
     except BaseException:
         machine.close()
         raise
