@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pykvm.devices",),
     ("pykvm.virtio",),
     ("pykvm.guests",),
-    ("pykvm.state.snapshot_format", "pykvm.state.snapshot"),  # a machine's state: below the platform, which
+    ("pykvm.state.snapshot_format", "pykvm.state.snapshot", "pykvm.state.dirty", "pykvm.state.migration"),  # a machine's state: below the platform, which
                                                               # offers Machine.save/restore through them
     ("pykvm.platform",),
     ("pykvm.inspect",),

@@ -42,7 +42,7 @@ class RunConfig(Value):
         "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
         "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
         "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
-        "monitor_script", "summary", "stats", "stats_json", "loadvm",
+        "monitor_script", "summary", "stats", "stats_json", "loadvm", "incoming",
     )
     __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
 
@@ -82,6 +82,7 @@ class RunConfig(Value):
         stats: bool = False,
         stats_json: str | None = None,
         loadvm: str | None = None,
+        incoming: str | None = None,
     ) -> None:
         self.guest = guest
         self.kernel = kernel
@@ -118,6 +119,7 @@ class RunConfig(Value):
         self.stats = stats
         self.stats_json = stats_json
         self.loadvm = loadvm  # -loadvm FILE / -incoming file:FILE: the snapshot to restore (pykvm.cli.loadvm)
+        self.incoming = incoming  # -incoming tcp:HOST:PORT|unix:PATH: wait for a live migration there
 
 
 def number(text: str, what: str) -> int:
@@ -316,8 +318,8 @@ def run_config(parsed: Parsed) -> RunConfig:
     if "loadvm" in parsed or "incoming" in parsed:
         from pykvm.cli.loadvm import snapshot_option
 
-        c.loadvm = snapshot_option(parsed.get("loadvm"), parsed.get("incoming"))
-    if (c.guest is None) == (c.kernel is None) and not (c.loadvm and c.guest is None):
+        c.loadvm, c.incoming = snapshot_option(parsed.get("loadvm"), parsed.get("incoming"))
+    if (c.guest is None) == (c.kernel is None) and not ((c.loadvm or c.incoming) and c.guest is None):
         raise UsageError("give a -kernel FILE or a --guest NAME (one of them)")
     c.initrd = parsed.all("initrd")
     c.append = parsed.get("append", "")

@@ -94,6 +94,8 @@ class Session:
             self._signals = None
         if self.machine is not None:
             self.machine.close()
+        if hasattr(self.snapshot, "close"):  # -incoming's connection, when the run ended before it was used
+            self.snapshot.close()
         for endpoint in self.endpoints:
             endpoint.close()
         if self.terminal is not None:
@@ -195,7 +197,7 @@ class Session:
         if c.gdb is not None:
             raise UsageError(f"-gdb {c.gdb}: the GDB stub is not wired to the machine yet")
         shape = None
-        if c.loadvm is not None:  # the file is checked before anything is opened or created
+        if c.loadvm is not None or c.incoming is not None:  # checked before anything is opened or created
             from pykvm.cli.loadvm import read_checked
 
             self.snapshot, shape = read_checked(c)

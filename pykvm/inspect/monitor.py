@@ -64,6 +64,7 @@ translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
 savevm FILE | loadvm FILE   (the whole machine to/from one file; the guest is paused meanwhile)
+migrate tcp:HOST:PORT|unix:PATH | info migrate   (live: to a pykvm run -incoming waiting there)
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
@@ -159,6 +160,7 @@ class Monitor:
         self._busy = False
         self._deferred: list[str] = []
         self._notice_lock = threading.Lock()
+        self.migration = None  # pykvm.state.migration.MigrationStatus of the last migrate (info migrate)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -289,7 +291,7 @@ class Monitor:
             "step": self._cmd_step, "s": self._cmd_step,
             "break": self._cmd_break, "b": self._cmd_break,
             "delete": self._cmd_delete, "d": self._cmd_delete,
-            "wait": self._cmd_wait, "savevm": self._cmd_savevm, "loadvm": self._cmd_loadvm,
+            "wait": self._cmd_wait, "savevm": self._cmd_savevm, "loadvm": self._cmd_loadvm, "migrate": self._cmd_migrate,
             "quit": self._cmd_quit, "q": self._cmd_quit,
             "help": self._cmd_help, "?": self._cmd_help,
         }.get(name)
@@ -327,6 +329,10 @@ class Monitor:
         from pykvm.inspect.monitor_snapshot import loadvm
         return self._with_vcpu(lambda: loadvm(self.machine, rest))
 
+    def _cmd_migrate(self, rest: str) -> str:
+        from pykvm.inspect.monitor_snapshot import migrate
+        return migrate(self, rest)
+
     def _cmd_help(self, rest: str) -> str:
         return HELP
 
@@ -341,7 +347,7 @@ class Monitor:
         table = {
             "registers": self._info_registers, "cpus": self._info_cpus, "mem": self._info_mem,
             "stats": self._info_stats, "break": self._info_break, "breakpoints": self._info_break,
-            "status": self._info_status, "tlb": self._info_mem,
+            "status": self._info_status, "tlb": self._info_mem, "migrate": lambda: str(self.migration or "Migration status: none"),
         }
         if not what:
             return "info registers|cpus|mem|stats|break|status|name"

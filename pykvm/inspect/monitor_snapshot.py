@@ -1,4 +1,4 @@
-"""The monitor's ``savevm FILE`` and ``loadvm FILE`` (QEMU's names), on ``pykvm.state.snapshot``.
+"""The monitor's ``savevm FILE``, ``loadvm FILE`` and ``migrate URI`` (QEMU's names), on ``pykvm.state``.
 
 QEMU keeps its snapshots inside a qcow2 image and names them; pykvm's
 monitor writes and reads one snapshot file instead.  The monitor pauses the
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pykvm.state.snapshot import load_into, save
 from pykvm.state.snapshot_format import SnapshotError, read_snapshot
 
-__all__ = ["loadvm", "savevm"]
+__all__ = ["loadvm", "migrate", "savevm"]
 
 
 def _path(rest: str, command: str) -> str:
@@ -43,3 +43,28 @@ def loadvm(machine, rest: str) -> str:
         return f"loadvm: {exc}"
     rip = machine.vcpu.get_regs().rip
     return f"loaded {path}: rip {rip:#x}"
+
+
+def migrate(monitor, rest: str) -> str:
+    """``migrate tcp:HOST:PORT|unix:PATH``: live migration, the guest running until the last round.
+
+    Blocks until it ends (completed: the guest stays paused here, as QEMU's
+    postmigrate; failed: it runs on if it was running); ``info migrate``
+    shows the status and counts.
+    """
+    from pykvm.state.migration import MigrationStatus, migrate as move, parse_address
+
+    address = rest.strip()
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        return f"migrate: {exc}"
+    if monitor.migration is not None and monitor.migration.status == "active":
+        return "migrate: a migration is already active"
+    monitor.migration = MigrationStatus()
+    move(monitor.machine, address, pause=lambda: monitor._pause(reason="paused"), resume=monitor.start,
+         status=monitor.migration)
+    status = monitor.migration
+    if status.status == "failed":
+        return f"migrate: failed: {status.error}"
+    return f"migration completed: {status.pages} pages in {status.rounds} rounds, downtime {status.downtime_ms:.0f} ms"

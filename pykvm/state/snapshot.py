@@ -47,7 +47,7 @@ from pykvm._native_loader import ffi, lib
 from pykvm.errors import DeviceError, KvmError
 from pykvm.state.snapshot_format import Snapshot, SnapshotError, load_pages, read_snapshot, write_snapshot
 
-__all__ = ["SHAPE_KEYS", "SnapshotError", "check_expected", "describe", "load_into", "machine_shape", "restore",
+__all__ = ["SHAPE_KEYS", "SnapshotError", "apply_state", "capture_state", "check_expected", "describe", "load_into", "machine_shape", "restore",
            "save"]
 
 #: The constructor arguments of a Machine that make its shape (Machine.shape holds them).
@@ -181,13 +181,8 @@ def _save_devices(machine) -> list:
     return saved
 
 
-def save(machine, path: str) -> dict:
-    """Write the paused machine to ``path`` (atomically); return ``{"bytes": n, "seconds": s}``.
-
-    Raises SnapshotError if the machine is running or closed, OSError if
-    the file cannot be written (no file is left behind then).
-    """
-    started = time.perf_counter()
+def capture_state(machine) -> dict:
+    """Everything but RAM of a paused machine: vCPUs, the VM's chips and clock, the devices (plain values)."""
     if machine.vcpu is None or machine.vcpu.closing:
         raise SnapshotError("the machine is closed: there is nothing to save")
     if any(loop.vcpu.runner is not None for loop in machine.loops):
@@ -200,9 +195,18 @@ def save(machine, path: str) -> dict:
     if machine.irqchip:
         vm["irqchip"] = {name: _raw(machine.vm.get_irqchip(getattr(lib, const))) for name, const in _CHIPS}
         vm["pit2"] = _raw(machine.vm.get_pit2())
-    state = {"vcpus": [_save_vcpu(machine, vcpu, msrs, xsave_size) for vcpu in machine.vcpus], "vm": vm,
-             "devices": _save_devices(machine),
-             "loaded": (machine.loaded or {}).get("name")}
+    return {"vcpus": [_save_vcpu(machine, vcpu, msrs, xsave_size) for vcpu in machine.vcpus], "vm": vm,
+            "devices": _save_devices(machine), "loaded": (machine.loaded or {}).get("name")}
+
+
+def save(machine, path: str) -> dict:
+    """Write the paused machine to ``path`` (atomically); return ``{"bytes": n, "seconds": s}``.
+
+    Raises SnapshotError if the machine is running or closed, OSError if
+    the file cannot be written (no file is left behind then).
+    """
+    started = time.perf_counter()
+    state = capture_state(machine)
     regions = [(r.gpa, machine.memory.view(r.gpa, r.size)) for r in machine.memory.regions]
     size = write_snapshot(path, describe(machine), state, regions)
     return {"bytes": size, "seconds": time.perf_counter() - started}
@@ -266,13 +270,18 @@ def load_into(machine, snapshot: Snapshot, *, fresh: bool = False) -> None:
     regions = [[r.gpa, r.size] for r in machine.memory.regions]
     if [[base, size] for base, size, _ in snapshot.ram] != regions:
         raise SnapshotError(f"{snapshot.path}: wrong machine: its memory regions are not this machine's")
-    state = snapshot.state
+    for base, size, payload in snapshot.ram:
+        load_pages(machine.memory.view(base, size), payload, zeroed=fresh)
+    apply_state(machine, snapshot.state, snapshot.path)
+    machine.loaded["snapshot"] = snapshot.path
+
+
+def apply_state(machine, state: dict, source: str) -> None:
+    """Load ``capture_state``'s dict into a paused machine of the same shape (RAM is the caller's)."""
     if len(state.get("vcpus", ())) != len(machine.vcpus):
-        raise SnapshotError(f"{snapshot.path}: the state has {len(state.get('vcpus', ()))} vCPUs, the machine "
+        raise SnapshotError(f"{source}: the state has {len(state.get('vcpus', ()))} vCPUs, the machine "
                             f"{len(machine.vcpus)}")
     try:
-        for base, size, payload in snapshot.ram:
-            load_pages(machine.memory.view(base, size), payload, zeroed=fresh)
         vm = state["vm"]
         if machine.irqchip:
             for name, const in _CHIPS:
@@ -283,10 +292,10 @@ def load_into(machine, snapshot: Snapshot, *, fresh: bool = False) -> None:
         _load_devices(machine, state["devices"])
         machine.vm.set_clock(vm["clock"])
     except KvmError as exc:
-        raise SnapshotError(f"{snapshot.path}: this host refused the saved state: {exc}") from None
+        raise SnapshotError(f"{source}: this host refused the saved state: {exc}") from None
     except (KeyError, TypeError) as exc:
-        raise SnapshotError(f"{snapshot.path}: the state section lacks {exc}") from None
-    machine.loaded = {"name": state.get("loaded") or "snapshot", "format": "snapshot", "snapshot": snapshot.path}
+        raise SnapshotError(f"{source}: the state section lacks {exc}") from None
+    machine.loaded = {"name": state.get("loaded") or "snapshot", "format": "snapshot"}
 
 
 def restore(machine_class, path: str, *, setup=None, expect: dict | None = None, **options):

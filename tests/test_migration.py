@@ -1,0 +1,129 @@
+"""Live migration (pykvm.state.migration): the monitor's migrate to a ``pykvm run -incoming`` in another process.
+
+The guest is iobench64u's UART stream, which fills a buffer in guest
+memory with a fixed sequence and sends it byte by byte: what the source
+printed before the move and the destination after it must be the
+uninterrupted run's bytes exactly.  A migration whose connection drops
+leaves the source running to its normal end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+STREAM_N = 20_000
+
+
+def pykvm(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "pykvm", "run", *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+
+
+def spawn(*args):
+    return subprocess.Popen([sys.executable, "-m", "pykvm", "run", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    proc = pykvm("--guest", "iobench64u", "--args", f"1,{STREAM_N}", "-serial", "stdio", "-display", "none")
+    assert len(proc.stdout) == STREAM_N, proc.stderr
+    return proc.stdout, proc.returncode
+
+
+def source(tmp_path, uri: str, out):
+    script = tmp_path / "source.txt"
+    script.write_text(f"cont\nwait 0.3\nmigrate {uri}\ninfo migrate\nwait 60\nquit\n")
+    return pykvm("--guest", "iobench64u", "--args", f"1,{STREAM_N}", "--monitor-script", str(script),
+                 "-serial", f"file:{out}", "-display", "none")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_the_stream_goes_on_in_the_destination_process(tmp_path, stream, kind):
+    uri = f"unix:{tmp_path}/mig.sock" if kind == "unix" else f"tcp:127.0.0.1:{free_tcp_port()}"
+    rest = tmp_path / "rest.out"
+    destination = spawn("-incoming", uri, "-serial", f"file:{rest}", "-display", "none")
+    try:
+        first = tmp_path / "first.out"
+        proc = source(tmp_path, uri, first)
+        out, err = destination.communicate(timeout=180)
+    finally:
+        destination.kill()
+    answers = proc.stdout.decode()
+    assert "migration completed: " in answers, answers + proc.stderr.decode()
+    assert "Migration status: completed" in answers and "downtime: " in answers
+    assert destination.returncode == stream[1], err
+    assert first.read_bytes() + rest.read_bytes() == stream[0]
+    assert 0 < len(rest.read_bytes())  # the destination ran the rest of it
+    if kind == "unix":
+        assert not os.path.exists(uri[5:])  # the listener's socket file is gone
+
+
+@pytest.mark.kvm
+def test_a_dropped_connection_leaves_the_source_running(tmp_path, stream):
+    path = str(tmp_path / "drop.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def drop() -> None:
+        conn, _ = listener.accept()
+        conn.recv(100)  # the start of the description, then hang up
+        conn.close()
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    out = tmp_path / "all.out"
+    proc = source(tmp_path, f"unix:{path}", out)
+    thread.join(10)
+    listener.close()
+    answers = proc.stdout.decode()
+    assert "migrate: failed: " in answers and "Migration status: failed" in answers, answers
+    assert out.read_bytes() == stream[0]  # the guest ran on to its end, here
+
+
+@pytest.mark.kvm
+def test_nobody_listening_fails_cleanly_and_the_guest_runs_on(tmp_path, stream, monkeypatch):
+    out = tmp_path / "all.out"
+    proc = source(tmp_path, f"unix:{tmp_path}/nobody.sock", out)
+    assert "migrate: failed: " in proc.stdout.decode()
+    assert out.read_bytes() == stream[0]
+
+
+@pytest.mark.kvm
+def test_dirty_log_reports_the_pages_the_guest_writes():
+    from pykvm.platform.machine import Machine
+    from pykvm.state import dirty
+
+    with Machine(memory="16M") as m:
+        m.load_guest("iobench64u", args=(1, 3000))
+        dirty.start_logging(m.memory)
+        assert dirty.dirty_pages(m.memory) == []  # nothing written since logging began
+        m.memory.write(0x800000, b"host")  # the host's writes are not logged (migration checks them apart)
+        assert dirty.dirty_pages(m.memory) == []
+        assert m.run(timeout=60).ended == "reset"
+        pages = dirty.dirty_pages(m.memory)
+        assert pages and all(m.memory.is_mapped(p, 4096) for p in pages)  # its buffer and stack
+        assert dirty.dirty_pages(m.memory) == []  # reading cleared the log
+        dirty.stop_logging(m.memory)
+
+
+@pytest.mark.kvm
+def test_bad_addresses_are_one_line():
+    for args, message in [(["-incoming", "tcp:host"], b"use tcp:HOST:PORT or unix:PATH"),
+                          (["-incoming", "exec:cat"], b"pykvm takes file:FILE, tcp:HOST:PORT or unix:PATH")]:
+        proc = pykvm(*args)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count(b"\n") == 1, proc.stderr
