@@ -22,7 +22,6 @@ as in QEMU's monitor where QEMU has them::
     break ADDR [hw|sw]  breakpoint at linear ADDR (sw falls back to hw where the host cannot)
     delete [N]          delete breakpoint N, or all
     wait [SECONDS]      (pykvm) wait until the guest stops: for scripts, after cont
-    savevm FILE         the whole machine to one file (loadvm FILE: back from it; monitor_snapshot)
     quit                stop the guest and leave
 
 Addresses are numbers (``0x100000``, ``1048576``) or registers (``$rip``,
@@ -36,6 +35,7 @@ shares one terminal between the guest's serial console and the monitor.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from pykvm._native_loader import lib
 from pykvm.errors import MonitorError, TraceError
+from pykvm.inspect.monitor_snapshot import STATE_COMMANDS, info_migrate, state_command
 from pykvm.inspect.registers import dump_registers
 from pykvm.inspect.trace_format import format_breakpoint, format_mode, format_step, format_stop
 from pykvm.inspect.tracer import Stop, Tracer
@@ -63,8 +64,7 @@ x/Ni ADDR | x/Nx[bhwg] ADDR | xp/Nx[bhwg] PADDR
 translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
-savevm FILE | loadvm FILE   (the whole machine to/from one file; the guest is paused meanwhile)
-migrate tcp:HOST:PORT|unix:PATH | info migrate   (live: to a pykvm run -incoming waiting there)
+savevm FILE | loadvm FILE | migrate tcp:HOST:PORT|unix:PATH | info migrate   (pykvm.inspect.monitor_snapshot)
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
@@ -160,7 +160,6 @@ class Monitor:
         self._busy = False
         self._deferred: list[str] = []
         self._notice_lock = threading.Lock()
-        self.migration = None  # pykvm.state.migration.MigrationStatus of the last migrate (info migrate)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -291,7 +290,7 @@ class Monitor:
             "step": self._cmd_step, "s": self._cmd_step,
             "break": self._cmd_break, "b": self._cmd_break,
             "delete": self._cmd_delete, "d": self._cmd_delete,
-            "wait": self._cmd_wait, "savevm": self._cmd_savevm, "loadvm": self._cmd_loadvm, "migrate": self._cmd_migrate,
+            "wait": self._cmd_wait, **{name: functools.partial(state_command, self, name) for name in STATE_COMMANDS},
             "quit": self._cmd_quit, "q": self._cmd_quit,
             "help": self._cmd_help, "?": self._cmd_help,
         }.get(name)
@@ -321,18 +320,6 @@ class Monitor:
             if self.quit_requested:
                 return
 
-    def _cmd_savevm(self, rest: str) -> str:
-        from pykvm.inspect.monitor_snapshot import savevm
-        return self._with_vcpu(lambda: savevm(self.machine, rest))
-
-    def _cmd_loadvm(self, rest: str) -> str:
-        from pykvm.inspect.monitor_snapshot import loadvm
-        return self._with_vcpu(lambda: loadvm(self.machine, rest))
-
-    def _cmd_migrate(self, rest: str) -> str:
-        from pykvm.inspect.monitor_snapshot import migrate
-        return migrate(self, rest)
-
     def _cmd_help(self, rest: str) -> str:
         return HELP
 
@@ -347,7 +334,7 @@ class Monitor:
         table = {
             "registers": self._info_registers, "cpus": self._info_cpus, "mem": self._info_mem,
             "stats": self._info_stats, "break": self._info_break, "breakpoints": self._info_break,
-            "status": self._info_status, "tlb": self._info_mem, "migrate": lambda: str(self.migration or "Migration status: none"),
+            "status": self._info_status, "tlb": self._info_mem, "migrate": lambda: info_migrate(self),
         }
         if not what:
             return "info registers|cpus|mem|stats|break|status|name"

@@ -8,13 +8,27 @@ QEMU does; an answer is one line (what was written, or why not).
 
 from __future__ import annotations
 
-from pykvm.state.snapshot import load_into, save
-from pykvm.state.snapshot_format import SnapshotError, read_snapshot
+__all__ = ["STATE_COMMANDS", "info_migrate", "loadvm", "migrate", "savevm", "state_command"]
 
-__all__ = ["loadvm", "migrate", "savevm"]
+STATE_COMMANDS = ("savevm", "loadvm", "migrate")
+
+
+def state_command(monitor, name: str, rest: str) -> str:
+    """The monitor's ``savevm``, ``loadvm`` (with the guest paused, resumed after) and ``migrate``."""
+    if name == "migrate":
+        return migrate(monitor, rest)
+    action = savevm if name == "savevm" else loadvm
+    return monitor._with_vcpu(lambda: action(monitor.machine, rest))
+
+
+def info_migrate(monitor) -> str:
+    """``info migrate``: the last migration's status and counts."""
+    return str(getattr(monitor, "migration", None) or "Migration status: none")
 
 
 def _path(rest: str, command: str) -> str:
+    from pykvm.state.snapshot_format import SnapshotError
+
     path = rest.strip()
     if not path or len(path.split()) != 1:
         raise SnapshotError(f"{command} FILE: give one file name")
@@ -23,6 +37,9 @@ def _path(rest: str, command: str) -> str:
 
 def savevm(machine, rest: str) -> str:
     """Save the (paused) machine to FILE."""
+    from pykvm.state.snapshot import save
+    from pykvm.state.snapshot_format import SnapshotError
+
     try:
         path = _path(rest, "savevm")
         info = save(machine, path)
@@ -35,6 +52,9 @@ def savevm(machine, rest: str) -> str:
 
 def loadvm(machine, rest: str) -> str:
     """Load FILE into the (paused) machine, which must have the snapshot's shape."""
+    from pykvm.state.snapshot import load_into
+    from pykvm.state.snapshot_format import SnapshotError, read_snapshot
+
     try:
         path = _path(rest, "loadvm")
         snapshot = read_snapshot(path)  # checked whole before anything of the machine changes
@@ -59,7 +79,7 @@ def migrate(monitor, rest: str) -> str:
         parse_address(address)
     except ValueError as exc:
         return f"migrate: {exc}"
-    if monitor.migration is not None and monitor.migration.status == "active":
+    if getattr(monitor, "migration", None) is not None and monitor.migration.status == "active":
         return "migrate: a migration is already active"
     monitor.migration = MigrationStatus()
     move(monitor.machine, address, pause=lambda: monitor._pause(reason="paused"), resume=monitor.start,
