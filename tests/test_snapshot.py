@@ -297,3 +297,22 @@ def test_save_refused_while_running_or_closed(tmp_path):
     with pytest.raises(SnapshotError, match="closed"):
         m.save(str(tmp_path / "y.snap"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.kvm
+def test_pattern_guest_checks_every_word_after_a_restore(tmp_path):
+    """pattern64u verifies each word of its 4 MiB before rewriting it: a page lost in the file would show."""
+    Machine = machine_class()
+    whole, whole_out = run_whole(lambda: Machine(memory="16M"), lambda m: m.load_guest("pattern64u", args=(400, 4)))
+    assert whole_out.endswith(b"pattern: ok\n") and whole.regs["rax"] == 400
+    path = str(tmp_path / "pattern.snap")
+    with Machine(memory="16M") as m:
+        m.load_guest("pattern64u", args=(400, 4))
+        assert m.run(timeout=0.2).ended == "timeout"
+        first = bytes(m.pc.capture.data)
+        m.save(path)
+    assert b"pattern: ok" not in first
+    with Machine.restore(path) as m:
+        rest = m.run(timeout=120)
+        assert first + bytes(m.pc.capture.data) == whole_out
+        assert rest.regs == whole.regs

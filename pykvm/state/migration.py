@@ -39,7 +39,7 @@ __all__ = ["Incoming", "MigrationStatus", "MAX_ROUNDS", "migrate", "parse_addres
 
 _MSG = struct.Struct("<4sQ")
 _GPA = struct.Struct("<Q")
-MAX_ROUNDS = 30
+MAX_ROUNDS = 8
 #: A round this small (pages) is the last one before the pause.
 SMALL_ROUND = 64
 _RUN = 256  # pages per PAGE message at most
