@@ -154,3 +154,50 @@ def test_a_guest_rewriting_4_mib_migrates_in_rounds_and_checks_every_word(tmp_pa
     moved = first.read_bytes() + rest.read_bytes()
     assert moved == whole.stdout  # every word checked before it was overwritten, on both sides
     assert first.read_bytes() and rest.read_bytes().endswith(b"pattern: ok\n")
+
+
+@pytest.mark.kvm
+def test_a_destination_of_another_shape_refuses_and_the_source_runs_on(tmp_path, stream):
+    uri = f"unix:{tmp_path}/mig.sock"
+    destination = spawn("-incoming", uri, "-m", "64M", "-serial", "null", "-display", "none")
+    try:
+        out = tmp_path / "all.out"
+        proc = source(tmp_path, uri, out)
+        _, err = destination.communicate(timeout=60)
+    finally:
+        destination.kill()
+    assert destination.returncode == 2
+    assert b"wrong machine: the snapshot's memory is 134217728, this machine's is 67108864" in err
+    assert "migrate: failed: " in proc.stdout.decode()
+    assert out.read_bytes() == stream[0]
+
+
+@pytest.mark.kvm
+def test_a_source_that_hangs_up_mid_stream_is_one_line_at_the_destination(tmp_path):
+    import json
+    import struct
+
+    from pykvm.platform.machine import Machine
+    from pykvm.state.snapshot import describe
+
+    with Machine(memory="128M") as m:
+        description = json.dumps(describe(m)).encode()
+    path = tmp_path / "mig.sock"
+    destination = spawn("-incoming", f"unix:{path}", "-serial", "null", "-display", "none")
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        for _ in range(500):  # until the destination listens
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                threading.Event().wait(0.02)
+        sock.sendall(struct.pack("<4sQ", b"MACH", len(description)) + description)
+        sock.sendall(struct.pack("<4sQ", b"PAGE", 8 + 4096) + struct.pack("<Q", 0x100000) + b"\x90" * 100)
+        sock.close()  # gone, mid-page
+        _, err = destination.communicate(timeout=60)
+    finally:
+        destination.kill()
+    assert destination.returncode == 2
+    assert err.endswith(b"-incoming: migration: the connection closed in the middle of the stream\n"), err
+    assert err.count(b"\n") == 2  # "waiting for a migration on ..." and the error
