@@ -50,16 +50,45 @@ def test_memory_is_stored_sparse_and_read_back(tmp_path):
     assert target == region
 
 
-def test_a_failed_save_leaves_no_file_and_the_old_one_intact(tmp_path, monkeypatch):
+class FullDisk:
+    """A file object whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_failed_save_leaves_no_file_and_the_old_one_intact(tmp_path, monkeypatch, where):
     path = tmp_path / "s.snap"
     path.write_bytes(b"the previous snapshot")
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fmt.os, "fsync", no_space)
+    if where == "fsync":
+        monkeypatch.setattr(fmt.os, "fsync", no_space)
+    else:
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(fmt.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1000))
+    region = bytearray(8192)
+    region[0] = region[4096] = 1  # two pages to store: more than the disk's 1000 bytes
     with pytest.raises(OSError) as info:
-        write_snapshot(str(path), {}, {}, [(0, memoryview(bytearray(8192)))])
+        write_snapshot(str(path), {}, {}, [(0, memoryview(region))])
     assert info.value.errno == errno.ENOSPC
     assert sorted(os.listdir(tmp_path)) == ["s.snap"] and path.read_bytes() == b"the previous snapshot"
 

@@ -151,7 +151,7 @@ def _save_vcpu(machine, vcpu, msrs: list[int], xsave_size: int) -> dict:
              "events": _raw(vcpu.get_vcpu_events()), "mp_state": vcpu.get_mp_state(),
              "debugregs": _raw(vcpu.get_debugregs())}
     if xsave_size:
-        state["xsave"] = vcpu.get_xsave2(xsave_size) if xsave_size > 4096 else _raw(vcpu.get_xsave())
+        state["xsave"] = vcpu.get_xsave2(xsave_size) if _has_xsave2(machine) else _raw(vcpu.get_xsave())
     else:
         state["fpu"] = _raw(vcpu.get_fpu())
     if machine.kvm.check_extension(lib.KVM_CAP_XCRS):
@@ -159,6 +159,12 @@ def _save_vcpu(machine, vcpu, msrs: list[int], xsave_size: int) -> dict:
     if machine.irqchip:
         state["lapic"] = _raw(vcpu.get_lapic())
     return state
+
+
+def _has_xsave2(machine) -> bool:
+    """KVM_CAP_XSAVE2 (and a header with KVM_GET_XSAVE2): the whole area, whatever its size."""
+    return (lib.PYKVM_HAVE_KVM_CAP_XSAVE2 >= 0 and lib.PYKVM_HAVE_KVM_GET_XSAVE2 >= 0
+            and machine.vm.check_extension(lib.PYKVM_HAVE_KVM_CAP_XSAVE2) > 0)
 
 
 def _xsave_size(machine) -> int:
