@@ -74,7 +74,7 @@ KVM_COALESCED_MMIO_PAGE_OFFSET
 # Constants newer than some build hosts' headers: compiled in only where the
 # header has them (pykvm.constants reports which are missing).
 GUARDED_CONSTANTS = """
-KVM_CAP_GUEST_MEMFD KVM_CAP_XSAVE2 KVM_CAP_X86_NOTIFY_VMEXIT
+KVM_CAP_GUEST_MEMFD KVM_CAP_XSAVE2 KVM_GET_XSAVE2 KVM_CAP_X86_NOTIFY_VMEXIT
 KVM_EXIT_NOTIFY KVM_EXIT_MEMORY_FAULT KVM_CAP_MEMORY_FAULT_INFO
 """.split()
 

@@ -276,6 +276,27 @@ class Vcpu(FdOwner):
         """KVM_SET_FPU."""
         self._set("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
 
+    def get_xsave(self):
+        """KVM_GET_XSAVE: the XSAVE area, 4 KiB (``struct kvm_xsave *``)."""
+        return self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
+
+    def get_xsave2(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2: the whole XSAVE area, ``size`` bytes (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM).
+
+        Needs a header that has the ioctl (PYKVM_HAVE_KVM_GET_XSAVE2).
+        """
+        if lib.PYKVM_HAVE_KVM_GET_XSAVE2 < 0:
+            raise KvmError("KVM_GET_XSAVE2", errno.ENOSYS, "the build host's <linux/kvm.h> lacks it")
+        area = ffi.new("char[]", max(size, ffi.sizeof("struct kvm_xsave")))
+        check("KVM_GET_XSAVE2", lib.pykvm_ioctl_ptr(self.fd, lib.PYKVM_HAVE_KVM_GET_XSAVE2, area))
+        return bytes(ffi.buffer(area))
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE: load an XSAVE area (what KVM_GET_XSAVE or KVM_GET_XSAVE2 returned)."""
+        buf = ffi.new("char[]", max(len(area), ffi.sizeof("struct kvm_xsave")))
+        ffi.memmove(buf, area, len(area))
+        check("KVM_SET_XSAVE", lib.pykvm_ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, buf))
+
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         """KVM_GET_MSRS: read the given MSRs.  Raises if KVM read fewer than asked."""
         n = len(indices)

@@ -157,6 +157,16 @@ class Vm(FdOwner):
         """KVM_SET_PIT2: load the in-kernel 8254's state (e.g. channel 2's gate, which port 0x61 drives)."""
         self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
 
+    def get_clock(self):
+        """KVM_GET_CLOCK: the VM's kvmclock (``struct kvm_clock_data *``: clock in ns, flags)."""
+        data = ffi.new("struct kvm_clock_data *")
+        self._ioctl("KVM_GET_CLOCK", lib.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, clock: int) -> None:
+        """KVM_SET_CLOCK: set the VM's kvmclock to ``clock`` ns (what KVM_GET_CLOCK read when saved)."""
+        self._ioctl("KVM_SET_CLOCK", lib.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": clock}))
+
     def reinject_control(self, reinject: bool) -> None:
         """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects ticks the guest missed.
 

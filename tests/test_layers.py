@@ -32,6 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pykvm.devices",),
     ("pykvm.virtio",),
     ("pykvm.guests",),
+    ("pykvm.state.snapshot_format", "pykvm.state.snapshot", "pykvm.state.dirty", "pykvm.state.migration"),  # a machine's state: below the platform, which
+                                                              # offers Machine.save/restore through them
     ("pykvm.platform",),
     ("pykvm.inspect",),
     ("pykvm.state",),

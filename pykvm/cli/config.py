@@ -42,7 +42,7 @@ class RunConfig(Value):
         "guest", "kernel", "initrd", "append", "memory", "memory_given", "cpus", "topology", "machine", "irqchip",
         "cpu_features", "name", "devices", "globals", "serials", "monitor", "chardevs", "nographic", "nodefaults",
         "freeze", "gdb", "mode", "format", "load_addr", "args", "timeout", "strict", "c_loop", "input",
-        "monitor_script", "summary", "stats", "stats_json", "drives", "mem_merge", "memory_backing", "memory_notes",
+        "monitor_script", "summary", "stats", "stats_json", "drives", "mem_merge", "memory_backing", "memory_notes", "loadvm", "incoming",
     )
     __hash__ = None  # mutable (filled in while options are read), as the dataclass was: not hashable
 
@@ -85,6 +85,8 @@ class RunConfig(Value):
         mem_merge: bool = False,
         memory_backing=None,
         memory_notes: list[str] | None = None,
+        loadvm: str | None = None,
+        incoming: str | None = None,
     ) -> None:
         self.guest = guest
         self.kernel = kernel
@@ -124,6 +126,8 @@ class RunConfig(Value):
         self.mem_merge = mem_merge  # -machine mem-merge=on|off, --mem-merge
         self.memory_backing = memory_backing  # pykvm.memory_backing.MemoryBacking; None: anonymous RAM
         self.memory_notes = [] if memory_notes is None else memory_notes  # what the backing cannot do here
+        self.loadvm = loadvm  # -loadvm FILE / -incoming file:FILE: the snapshot to restore (pykvm.cli.loadvm)
+        self.incoming = incoming  # -incoming tcp:HOST:PORT|unix:PATH: wait for a live migration there
 
 
 def number(text: str, what: str) -> int:
@@ -343,7 +347,11 @@ def run_config(parsed: Parsed) -> RunConfig:
 
     c = RunConfig()
     c.guest, c.kernel = parsed.get("guest"), parsed.get("kernel")
-    if (c.guest is None) == (c.kernel is None):
+    if "loadvm" in parsed or "incoming" in parsed:
+        from pykvm.cli.loadvm import snapshot_option
+
+        c.loadvm, c.incoming = snapshot_option(parsed.get("loadvm"), parsed.get("incoming"))
+    if (c.guest is None) == (c.kernel is None) and not ((c.loadvm or c.incoming) and c.guest is None):
         raise UsageError("give a -kernel FILE or a --guest NAME (one of them)")
     c.initrd = parsed.all("initrd")
     c.append = parsed.get("append", "")

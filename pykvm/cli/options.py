@@ -43,6 +43,10 @@ RUN_OPTIONS: list[Option] = [
            "stay)"),
     Option(("-no-reboot",), None, "a reset ends the run (pykvm's behaviour anyway)", dest="no_reboot"),
     Option(("-S",), None, "start with the vCPUs stopped (until the monitor's cont)", dest="freeze"),
+    Option(("-loadvm",), "FILE", "restore the snapshot FILE (the monitor's savevm) and run on from there; "
+           "-kernel/--guest may be left out"),
+    Option(("-incoming",), "URI", "file:FILE (the same as -loadvm FILE), or tcp:HOST:PORT / unix:PATH: wait there "
+           "for a live migration (the monitor's migrate)"),
     Option(("-s",), None, "the GDB stub on tcp::1234 (shorthand for -gdb tcp::1234)", dest="gdb_default"),
     Option(("-gdb",), "DEV", "the GDB stub on DEV: tcp::PORT, tcp:HOST:PORT, unix:PATH"),
     # character devices and the terminal

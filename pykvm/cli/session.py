@@ -82,6 +82,7 @@ class Session:
         self.stop_signal: int | None = None  # the signal that ended the run, if one did
         self.on_stop = self._stop  # what SIGTERM/SIGHUP do (the monitored run replaces it)
         self.gdb_server = None  # -gdb/-s: the stub's server (pykvm.cli.gdb_run), closed before the machine
+        self.snapshot = None  # -loadvm's checked file (pykvm.cli.loadvm), loaded in place of a kernel
 
     def __enter__(self) -> "Session":
         return self
@@ -98,6 +99,8 @@ class Session:
             self.gdb_server = None
         if self.machine is not None:
             self.machine.close()
+        if hasattr(self.snapshot, "close"):  # -incoming's connection, when the run ended before it was used
+            self.snapshot.close()
         for endpoint in self.endpoints:
             endpoint.close()
         if self.terminal is not None:
@@ -202,6 +205,11 @@ class Session:
             from pykvm.cli.gdb_run import check_gdb_options
 
             check_gdb_options(c)
+        shape = None
+        if c.loadvm is not None or c.incoming is not None:  # checked before anything is opened or created
+            from pykvm.cli.loadvm import read_checked
+
+            self.snapshot, shape = read_checked(c)
         self._open_serials()
         self.monitor_endpoint = self._open_monitor()
         signals = self.serial.kind == "stdio" and c.monitor != "stdio"
@@ -211,24 +219,23 @@ class Session:
             sink = self.terminal.write
         elif self.serial.kind == "backend":
             sink = self.serial.backend.write
-        platform = self._platform()
+        platform = shape["platform"] if shape else self._platform()
         drivers = {d.driver for d in c.devices}
         cpus = c.cpus if c.cpus > 1 or "smp" not in self._needs() else 2  # an SMP guest gets two unless told
         topology = c.topology
         irqchip = self._irqchip(platform, cpus)
-        if irqchip and self.info is not None and self.info.stop == "hlt":
+        if irqchip and self.info is not None and self.info.stop == "hlt" and shape is None:
             reason = "-smp" if cpus > 1 else "-M pc" if platform == "pc" else "-machine kernel_irqchip=on"
             raise UsageError(f"{c.guest} ends with HLT, which the in-kernel irqchip ({reason} needs it) keeps "
                              "waiting for an interrupt: it would never end")
         for note in c.memory_notes:  # what -mem-path/--hugepages/--mem-merge cannot do on this host
             stderr(f"pykvm: warning: {note}")
+        shape = shape or dict(memory=c.memory, irqchip=irqchip, cpus=cpus, threads=topology.get("threads", 1),
+                              cores=topology.get("cores"), cpu_features=c.cpu_features, platform=platform,
+                              pc_testdev="pc-testdev" in drivers, pci_testdev="pci-testdev" in drivers)
         try:
-            self.machine = Machine(
-                memory=c.memory, memory_backing=c.memory_backing, strict=c.strict, c_loop=c.c_loop, serial=sink,
-                irqchip=irqchip, kernel_stats=c.stats or c.stats_json is not None,
-                cpus=cpus, threads=topology.get("threads", 1), cores=topology.get("cores"),
-                cpu_features=c.cpu_features, platform=platform,
-                pc_testdev="pc-testdev" in drivers, pci_testdev="pci-testdev" in drivers)
+            self.machine = Machine(**shape, memory_backing=c.memory_backing, strict=c.strict, c_loop=c.c_loop,
+                                   serial=sink, kernel_stats=c.stats or c.stats_json is not None)
         except CpuidError as exc:
             raise UsageError(f"-cpu: {exc}") from None
         except ValueError as exc:  # the machine refused its shape (memory size, CPUs, platform): say why
@@ -340,6 +347,10 @@ class Session:
         from pykvm.loaders import split_initrd
 
         c, m = self.config, self.machine
+        if self.snapshot is not None:
+            from pykvm.cli.loadvm import load
+
+            return load(m, self.snapshot)
         try:
             if c.guest is not None:
                 if c.append or c.initrd or (self.drive_cmdline and self.info.format == "multiboot"):

@@ -131,6 +131,21 @@ class DeviceStop(Exception):
 
 # The models import DeviceStop from this module, so they are imported only
 # after it is defined; this keeps `from pykvm.devices import Uart16550` working.
+def check_state(device: object, state: dict, version: int = 1) -> dict:
+    """A ``load_state`` argument checked: a dict with the ``version`` this model writes (DeviceError if not).
+
+    Every stateful device offers ``save_state() -> dict`` (a small dict of
+    plain values: ints, bools, strings, bytes, lists; ``version`` first) and
+    ``load_state(dict)``; snapshots (``pykvm.state.snapshot``) save and load
+    them.  A device whose state is elsewhere says so in its ``save_state``.
+    """
+    name = getattr(device, "name", type(device).__name__)
+    if not isinstance(state, dict) or state.get("version") != version:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise DeviceError(f"{name}: saved state version {got!r}, this model reads version {version}")
+    return state
+
+
 from pykvm.devices.debug_exit import DebugExit  # noqa: E402
 from pykvm.devices.i8042 import I8042  # noqa: E402
 from pykvm.devices.port80 import Port80  # noqa: E402

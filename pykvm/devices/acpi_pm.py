@@ -113,6 +113,23 @@ class AcpiPm:
         self._sci_level = False
         self.reset()
 
+    def save_state(self) -> dict:
+        """PM1 status, enable, control, the next TMR_STS toggle, the SCI level (version 1).
+
+        The timer counts host monotonic time, so a restore on the same host
+        finds it advanced by the time the machine was away (a real timer would
+        have counted on too); no guest shipped with pykvm reads it across one.
+        """
+        return {"version": 1, "status": self._status, "enable": self._enable, "control": self._control,
+                "next_toggle": self._next_toggle, "sci": self._sci_level}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self._status, self._enable, self._control = s["status"], s["enable"], s["control"]
+        self._next_toggle, self._sci_level = s["next_toggle"], s["sci"]
+
     def reset(self) -> None:
         """Power-on state: no status, nothing enabled, SCI_EN clear (legacy mode)."""
         self._status = 0  # PM1_STS, except TMR_STS while it is still due
@@ -236,6 +253,16 @@ class SmiCommand:
         self.set_sci_enabled = set_sci_enabled
         self.control = 0  # APMC
         self.status = 0  # APMS
+
+    def save_state(self) -> dict:
+        """APMC and APMS (version 1)."""
+        return {"version": 1, "control": self.control, "status": self.status}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self.control, self.status = s["control"], s["status"]
 
     def read(self, offset: int, size: int) -> bytes:
         _check_access(offset, size, self.length, self.name)

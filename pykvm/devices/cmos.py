@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Callable
 
+from pykvm.devices.calendar import civil_from_days, days_from_civil
 from pykvm.errors import DeviceError
 from pykvm.platform import layout
 
@@ -157,6 +158,24 @@ class Cmos:
         self._offset_ns = 0  # guest RTC time = host time + this
         self._latched_ns = now  # every event up to here is in register C
         self._periodic_next: int | None = None  # 32 kHz cycle of the next periodic event
+
+    # -- snapshots (pykvm.state.snapshot) ----------------------------------------------
+    def save_state(self) -> dict:
+        """RAM, index, NMI mask, register C, the line, the clock's offset and latches (version 1).
+
+        Times are host wall-clock ns: restored, the RTC follows the host's clock (QEMU's base=utc)."""
+        return {"version": 1, "ram": bytes(self._ram), "index": self._index, "nmi_masked": self._nmi_masked,
+                "flags": self._flags, "irq": self._irq_level, "offset_ns": self._offset_ns,
+                "latched_ns": self._latched_ns, "periodic_next": self._periodic_next}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self._ram[:] = s["ram"]
+        self._index, self._nmi_masked, self._flags = s["index"], s["nmi_masked"], s["flags"]
+        self._irq_level, self._offset_ns, self._latched_ns = s["irq"], s["offset_ns"], s["latched_ns"]
+        self._periodic_next = s["periodic_next"]
 
     # -- the host's side -----------------------------------------------------------
 
@@ -381,7 +400,7 @@ class Cmos:
         """Write the guest's current time into the time registers, in B's format."""
         seconds = self._guest_second(now)
         days, second_of_day = divmod(seconds, SECONDS_PER_DAY)
-        year, month, day = _civil_from_days(days)
+        year, month, day = civil_from_days(days)
         hour, minute, second = second_of_day // 3600, second_of_day // 60 % 60, second_of_day % 60
         ram = self._ram
         ram[SECONDS] = self._encode(second)
@@ -400,7 +419,7 @@ class Cmos:
         """Run the guest's clock from the time registers, ``phase_ns`` into their second."""
         ram = self._ram
         year = self._decode(ram[CENTURY]) * 100 + self._decode(ram[YEAR])
-        days = _days_from_civil(year, self._decode(ram[MONTH]), self._decode(ram[DAY_OF_MONTH]))
+        days = days_from_civil(year, self._decode(ram[MONTH]), self._decode(ram[DAY_OF_MONTH]))
         hour = self._decode_hour(ram[HOURS])
         seconds = days * SECONDS_PER_DAY + hour * 3600 + self._decode(ram[MINUTES]) * 60 + self._decode(ram[SECONDS])
         self._offset_ns = seconds * NS + phase_ns - now
@@ -552,31 +571,6 @@ def _cycle_at(host_ns: int) -> int:
 def _cycle_ns(cycle: int) -> int:
     """The first host nanosecond at or after the start of ``cycle``."""
     return -(-cycle * NS // RTC_HZ)
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 of a proleptic Gregorian date; any integers (month 13 is next January)."""
-    year += (month - 1) // 12
-    month = (month - 1) % 12 + 1
-    year -= month <= 2
-    era = year // 400
-    year_of_era = year - era * 400
-    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
-    return era * 146097 + day_of_era - 719468
-
-
-def _civil_from_days(days: int) -> tuple[int, int, int]:
-    """(year, month, day) of the ``days``-th day after 1970-01-01 (Howard Hinnant's algorithm)."""
-    days += 719468
-    era = days // 146097
-    day_of_era = days - era * 146097
-    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096) // 365
-    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
-    month_index = (5 * day_of_year + 2) // 153
-    day = day_of_year - (153 * month_index + 2) // 5 + 1
-    month = month_index + 3 if month_index < 10 else month_index - 9
-    return year_of_era + era * 400 + (month <= 2), month, day
 
 
 def _check_index(index: int) -> int:

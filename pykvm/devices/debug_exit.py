@@ -34,6 +34,15 @@ class DebugExit:
         #: Status of the last write, ``(value << 1) | 1``; None until then.
         self.exit_status: int | None = None
 
+    def save_state(self) -> dict:
+        """The last exit status (version 1); the width is the machine's shape."""
+        return {"version": 1, "exit_status": self.exit_status}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        self.exit_status = check_state(self, state)["exit_status"]
+
     def fast_rows(self) -> tuple[FastRow, ...]:
         """The whole range: C answers reads with all-ones and stops the run on a write."""
         return (FastRow(0, self.length, read="const", read_value=(1 << 64) - 1, write="debug-exit"),)

@@ -221,6 +221,23 @@ class FwCfg:
 
     # -- the guest's side: ports -------------------------------------------------------
 
+    def save_state(self) -> dict:
+        """Selector, offset, the DMA address latch and the counters (version 1).
+
+        The items themselves are made from the machine's shape (RAM, CPUs,
+        ACPI tables), which a restore builds again and checks.
+        """
+        return {"version": 1, "selector": self._selector, "offset": self._offset,
+                "dma_address": self._dma_address, "ignored": self.ignored_accesses,
+                "dma_transfers": self.dma_transfers, "dma_errors": self.dma_errors}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self._selector, self._offset, self._dma_address = s["selector"], s["offset"], s["dma_address"]
+        self.ignored_accesses, self.dma_transfers, self.dma_errors = s["ignored"], s["dma_transfers"], s["dma_errors"]
+
     def reset(self) -> None:
         """Machine reset: the signature is selected again and the DMA address cleared."""
         self._select(SIGNATURE)

@@ -23,6 +23,15 @@ class I8042:
     name = "i8042"
     length = 1
 
+    def save_state(self) -> dict:
+        """Nothing to keep: the model answers every read alike and has no registers (version 1)."""
+        return {"version": 1}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        check_state(self, state)
+
     def read(self, offset: int, size: int) -> bytes:
         """Status register: no data to read, ready for a command."""
         return bytes(size)

@@ -56,6 +56,16 @@ class PcTestdevPorts:
         self.register = 0  # QEMU's ioport_data
         self.flushes = 0
 
+    def save_state(self) -> dict:
+        """Ioport_data and the flush count (version 1)."""
+        return {"version": 1, "register": self.register, "flushes": self.flushes}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self.register, self.flushes = s["register"], s["flushes"]
+
     def read(self, offset: int, size: int) -> bytes:
         """Bytes of the test register at 0-3 and 8-11; the flush port reads 0."""
         _check_access(offset, size, self.length, self.name)
@@ -90,6 +100,15 @@ class PcTestdevIrq:
         #: Writes wider than a byte, which QEMU refuses; dropped.
         self.ignored_writes = 0
 
+    def save_state(self) -> dict:
+        """The count of refused writes; the lines are the irqchip's (version 1)."""
+        return {"version": 1, "ignored_writes": self.ignored_writes}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        self.ignored_writes = check_state(self, state)["ignored_writes"]
+
     def read(self, offset: int, size: int) -> bytes:
         _check_access(offset, size, self.length, self.name)
         return bytes(size)
@@ -110,6 +129,15 @@ class PcTestdevIomem:
 
     def __init__(self) -> None:
         self.buffer = bytearray(IOMEM_SIZE)
+
+    def save_state(self) -> dict:
+        """The 64 KiB buffer (version 1)."""
+        return {"version": 1, "buffer": bytes(self.buffer)}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        self.buffer[:] = check_state(self, state)["buffer"]
 
     def read(self, offset: int, size: int) -> bytes:
         _check_access(offset, size, self.length, self.name)

@@ -179,6 +179,17 @@ class PciFunction:
     def device_id(self) -> int:
         return self.config_read(DEVICE_ID, 2)
 
+    def save_state(self) -> dict:
+        """The configuration space (version 1); the BARs' mappings follow from it."""
+        return {"version": 1, "config": bytes(self.config)}
+
+    def load_state(self, state: dict) -> None:
+        """Load the configuration space; BARs that decode now are mapped again (``on_bar_change``)."""
+        from pykvm.devices import check_state
+
+        self.config[:] = check_state(self, state)["config"]
+        self._update_mappings()
+
     def reset(self) -> None:
         """Back to power-on values: decoding off, so every mapped BAR is unmapped."""
         self.config[:] = self._power_on
@@ -310,6 +321,24 @@ class PciHost:
     def functions(self) -> dict[tuple[int, int], PciFunction]:
         """``(device, function) -> PciFunction`` on bus 0."""
         return dict(self._functions)
+
+    def save_state(self) -> dict:
+        """CONFIG_ADDRESS, the reset register, and every function's state by slot (version 1)."""
+        return {"version": 1, "config_address": self.config_address, "reset_control": self.reset_control,
+                "ignored": self.ignored_accesses,
+                "functions": [[d, f, fn.save_state()] for (d, f), fn in sorted(self._functions.items())]}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        slots = sorted(self._functions)
+        if [[d, f] for d, f, _ in s["functions"]] != [list(slot) for slot in slots]:
+            raise DeviceError("pci-host: the saved PCI functions are not the ones on this bus")
+        self.config_address, self.reset_control = s["config_address"], s["reset_control"]
+        self.ignored_accesses = s["ignored"]
+        for d, f, function_state in s["functions"]:
+            self._functions[d, f].load_state(function_state)
 
     def reset(self) -> None:
         """A machine reset: CONFIG_ADDRESS and the reset register cleared, every function reset."""

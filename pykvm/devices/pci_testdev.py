@@ -59,6 +59,15 @@ class PciTestDevWindow:
         self.name = f"pci-testdev-{kind}"
         self.length = 2 * TEST_AREA[kind]
 
+    def save_state(self) -> dict:
+        """Nothing of its own: the test state is the function's (:class:`PciTestDev`) (version 1)."""
+        return {"version": 1}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        check_state(self, state)
+
     def read(self, offset: int, size: int) -> bytes:
         self._check(offset, size)
         return bytes(self.owner.header_byte(offset + i) for i in range(size))
@@ -99,6 +108,15 @@ class PciTestDev(PciFunction):
     def count(self, i: int) -> int:
         """Test ``i``'s count of matching writes."""
         return int.from_bytes(self.headers[i][COUNT_FIELD:COUNT_FIELD + 4], "little")
+
+    def save_state(self) -> dict:
+        """The configuration space, every test's header and the selected test (version 1)."""
+        return {**super().save_state(), "headers": [bytes(h) for h in self.headers], "current": self.current}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.headers = [bytearray(h) for h in state["headers"]]
+        self.current = state["current"]
 
     def reset(self) -> None:
         super().reset()

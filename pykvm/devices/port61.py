@@ -60,6 +60,15 @@ class Port61:
         self.clock_ns = clock_ns
         self.control = 0  # bits 0-1 as last written
 
+    def save_state(self) -> dict:
+        """Bits 0-1 as last written (version 1); the gate itself is in the PIT's state (KVM_GET_PIT2)."""
+        return {"version": 1, "control": self.control}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        self.control = check_state(self, state)["control"]
+
     def read(self, offset: int, size: int) -> bytes:
         if offset != 0 or size != 1:
             raise DeviceError(f"port 0x61 takes 1-byte accesses, not {size} at offset {offset}")

@@ -31,6 +31,16 @@ class Port80:
         self.last = 0
         self.count = 0
 
+    def save_state(self) -> dict:
+        """The last code and the count (version 1)."""
+        return {"version": 1, "last": self.last, "count": self.count}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self.last, self.count = s["last"], s["count"]
+
     def read(self, offset: int, size: int) -> bytes:
         """All-ones: the port is write-only."""
         return b"\xff" * size

@@ -205,6 +205,31 @@ class Uart16550:
             "irq": self._irq_level,
         }
 
+    def save_state(self) -> dict:
+        """Registers, the receiver (host bytes marked), the host queue, the line levels (version 1)."""
+        return {"version": 1, "ier": self._ier, "lcr": self._lcr, "mcr": self._mcr, "fcr": self._fcr,
+                "scr": self._scr, "divisor": self._divisor, "rx": list(self._rx), "overrun": self._overrun,
+                "thre_pending": self._thre_pending, "modem_lines": self._modem_lines,
+                "modem_deltas": self._modem_deltas, "host_lines": self._host_lines,
+                "host_input": bytes(self._host_input), "irq": self._irq_level,
+                "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
+    def load_state(self, state: dict) -> None:
+        """The state :meth:`save_state` returned; the line level is the irqchip's to restore, not re-raised."""
+        from pykvm.devices import check_state
+
+        s = check_state(self, state)
+        self._ier, self._lcr, self._mcr, self._fcr = s["ier"], s["lcr"], s["mcr"], s["fcr"]
+        self._scr, self._divisor = s["scr"], s["divisor"]
+        self._rx = deque(s["rx"])
+        self._overrun, self._thre_pending = s["overrun"], s["thre_pending"]
+        self._modem_lines, self._modem_deltas, self._host_lines = s["modem_lines"], s["modem_deltas"], s["host_lines"]
+        self._host_input = deque(s["host_input"])
+        self._irq_level = s["irq"]
+        self.bytes_out, self.bytes_in = s["bytes_out"], s["bytes_in"]
+        if self.fast_path_changed:
+            self.fast_path_changed()
+
     def _read_register(self, register: int) -> int:
         dlab = self._lcr & LCR_DLAB
         if register == RBR:

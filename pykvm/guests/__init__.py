@@ -302,6 +302,18 @@ GUESTS: dict[str, GuestInfo] = {
             "none; result RAX = fib_result + counter (6780), RBX = checkpoint()'s value (6766)",
             "reset",
         ),
+        GuestInfo(
+            "pattern64u",
+            "long_user",
+            LOAD_ADDR,
+            "writes a pattern over a buffer at 4 MiB round after round, checking every word before it is "
+            "overwritten (so a page a snapshot or migration lost is found), natively at CPL 3; prints "
+            "\"round R ok\" per round and \"pattern: ok\"; reads no clock",
+            3,
+            "arg0 (RDI) = rounds (0 means 1000); arg1 (RSI) = MiB of buffer (0 means 8); result RAX = rounds, "
+            "RBX = the buffer's bytes, or RAX = 0xffffffff00000001 after \"pattern: bad word at ADDR\"",
+            "reset",
+        ),
         GuestInfo("spin16", "real", REAL_LOAD_ADDR, "jmp . forever (timeout tests)", 0, "none", "never"),
         GuestInfo("spin64", "long", LOAD_ADDR, "jmp . forever at CPL 0 (timeout tests)", 0, "none", "never"),
         GuestInfo(

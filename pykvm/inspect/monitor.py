@@ -36,6 +36,7 @@ shares one terminal between the guest's serial console and the monitor.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from pykvm._native_loader import lib
 from pykvm.errors import MonitorError, TraceError
 from pykvm.inspect.monitor_syntax import format_unit, number, parse_address, parse_format, read_physical
+from pykvm.inspect.monitor_snapshot import STATE_COMMANDS, info_migrate, state_command
 from pykvm.inspect.registers import dump_registers
 from pykvm.inspect.trace_format import format_breakpoint, format_mode, format_step, format_stop
 from pykvm.inspect.tracer import Stop, Tracer
@@ -64,6 +66,7 @@ translate GVA
 stop | cont | step [N] | wait [SECONDS]   (cont returns at once; wait blocks until the guest stops)
 break ADDR [hw|sw] | delete [N]
 system_wakeup   (resume a guest suspended to RAM, ACPI S3)
+savevm FILE | loadvm FILE | migrate tcp:HOST:PORT|unix:PATH | info migrate   (pykvm.inspect.monitor_snapshot)
 quit
 ADDR: a number (0x100000) or a register ($rip, $pc, $rsp+8)"""
 
@@ -235,6 +238,7 @@ class Monitor:
             "delete": self._cmd_delete, "d": self._cmd_delete,
             "wait": self._cmd_wait,
             "system_wakeup": self._cmd_system_wakeup,
+            **{name: functools.partial(state_command, self, name) for name in STATE_COMMANDS},
             "quit": self._cmd_quit, "q": self._cmd_quit,
             "help": self._cmd_help, "?": self._cmd_help,
         }.get(name)
@@ -278,7 +282,7 @@ class Monitor:
         table = {
             "registers": self._info_registers, "cpus": self._info_cpus, "mem": self._info_mem,
             "stats": self._info_stats, "break": self._info_break, "breakpoints": self._info_break,
-            "status": self._info_status, "tlb": self._info_mem,
+            "status": self._info_status, "tlb": self._info_mem, "migrate": lambda: info_migrate(self),
         }
         if not what:
             return "info registers|cpus|mem|stats|break|status|name"

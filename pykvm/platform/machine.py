@@ -137,6 +137,10 @@ class Machine:
         if cpus > 1 and not irqchip:
             raise ValueError("more than one vCPU needs the in-kernel irqchip (irqchip=True): the APs are "
                              "started by INIT-SIPI through its LAPIC")
+        #: The constructor arguments that make this machine's shape (what a snapshot records and checks).
+        self.shape = dict(memory=self.memory_size, cpus=cpus, threads=threads, cores=cores, platform=platform,
+                          cpu_features=[list(f) for f in cpu_features], irqchip=irqchip, pc_testdev=pc_testdev,
+                          pci_testdev=pci_testdev)
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = self.memory = self.vcpu = self.loop = self.vcpu_stats = None
@@ -523,6 +527,20 @@ class Machine:
         host errors (KvmError) propagate.
         """
         return run_machine(self, timeout, flush_interval)
+
+    # -- snapshots (pykvm.state.snapshot) --------------------------------------------------
+    def save(self, path: str) -> dict:
+        """Save the paused machine (after ``run()`` returned) to one file; ``{"bytes", "seconds"}``."""
+        from pykvm.state.snapshot import save
+
+        return save(self, path)
+
+    @classmethod
+    def restore(cls, path: str, *, setup: Callable[["Machine"], None] | None = None, **options) -> "Machine":
+        """A machine built from a snapshot's description, ``setup(machine)``, then its state loaded."""
+        from pykvm.state.snapshot import restore
+
+        return restore(cls, path, setup=setup, **options)
 
     def describe_cpu(self, index: int = 0) -> str:
         """vCPU ``index``'s register dump and the instruction bytes at RIP (for error reports)."""

@@ -40,6 +40,15 @@ class Serialized:
             self.device.write(offset, data)
             self._after_write()
 
+    def save_state(self) -> dict:
+        with self._lock:
+            return self.device.save_state()
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            self.device.load_state(state)
+            self._after_write()  # the restored registers may make an event due
+
 
 class PcTimers:
     """Latch the RTC's and the PM timer's events when they fall due (see the module docstring)."""

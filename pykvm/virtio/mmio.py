@@ -145,6 +145,11 @@ def linux_cmdline(base: int = VIRTIO_MMIO_BASE, irq: int = 5, size: int = MMIO_S
     return text
 
 
+#: What a snapshot keeps of each split virtqueue (pykvm.virtio.queue.SplitVirtqueue).
+_QUEUE_STATE = ("size", "desc_addr", "driver_addr", "device_addr", "ready", "event_idx", "indirect",
+                "last_avail_idx", "used_idx", "_signalled_used")
+
+
 class VirtioMmioDevice:
     """A virtio device behind the virtio-mmio register window (4.2).
 
@@ -217,6 +222,39 @@ class VirtioMmioDevice:
             self.device.reset()
             self._clear_registers()
             self._update_line()
+
+    def save_state(self) -> dict:
+        """The transport's registers and every queue's layout and positions (version 1).
+
+        The device type's host side (a console's backend, input not yet
+        delivered) is not part of it: what the guest sees of it is in guest
+        memory (the rings) and here; ``pykvm.state.snapshot`` saves a machine
+        with virtio devices only when their queues are idle.
+        """
+        with self.lock:
+            return {"version": 1, "status": self.status, "driver_features": self.driver_features,
+                    "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                    "device_features_sel": self._device_features_sel,
+                    "driver_features_sel": self._driver_features_sel,
+                    "accepted_unknown_page": self._accepted_unknown_page, "queue_sel": self._queue_sel,
+                    "irq": self._irq_level,
+                    "queues": [{name: getattr(q, name) for name in _QUEUE_STATE} for q in self.queues]}
+
+    def load_state(self, state: dict) -> None:
+        from pykvm.devices import DeviceError, check_state
+
+        s = check_state(self, state)
+        if len(s["queues"]) != len(self.queues):
+            raise DeviceError(f"{self.name}: {len(s['queues'])} saved queues, the device has {len(self.queues)}")
+        with self.lock:
+            self.status, self.driver_features = s["status"], s["driver_features"]
+            self.interrupt_status, self.config_generation = s["interrupt_status"], s["config_generation"]
+            self._device_features_sel, self._driver_features_sel = s["device_features_sel"], s["driver_features_sel"]
+            self._accepted_unknown_page, self._queue_sel = s["accepted_unknown_page"], s["queue_sel"]
+            self._irq_level = s["irq"]
+            for queue, saved in zip(self.queues, s["queues"]):
+                for name in _QUEUE_STATE:
+                    setattr(queue, name, saved[name])
 
     @property
     def running(self) -> bool:
