@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 from pykvm._native_loader import lib
 from pykvm.devices import Uart16550
+from pykvm.host import nested_kvm_module
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.platform import layout
 from pykvm.platform.bus import Bus
@@ -182,6 +183,10 @@ class Machine:
                 loop = VcpuLoop(vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
                                 describe_cpu=lambda index=index: self.describe_cpu(index))
                 loop.c_loop = c_loop
+                if nested_kvm_module() == "kvm_pvm":  # its ring-0 emulator lacks int3, fwait, clac, stac
+                    from pykvm.platform.ring0_assist import Ring0Assist
+
+                    loop.assist = Ring0Assist(vcpu, self.memory)
                 self.loops.append(loop)
                 if stats:
                     self.stats_fds.append(vcpu.stats_fd())  # kernel-mode exit counts for the split
