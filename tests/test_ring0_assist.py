@@ -1,10 +1,10 @@
-"""pykvm.platform.ring0_assist: int3, fwait, stac and clac at CPL 0 finished where the host's emulator gives up.
+"""pykvm.platform.ring0_assist: int3, fwait, stac, clac and popcnt at CPL 0 finished where the host's emulator gives up.
 
 The guest (64-bit, CPL 0) builds an IDT with an interrupt gate for #BP,
 executes ``int3`` (its handler records the frame and counts, then
-``iretq``), ``fwait``, ``stac`` and ``clac``, reading RFLAGS after each of
-the last two, and halts.  On a kvm_pvm host each of those four ends KVM_RUN
-with an emulation failure that the assist finishes; elsewhere the CPU runs
+``iretq``), ``fwait``, ``stac`` and ``clac`` (reading RFLAGS after each of
+the two) and two ``popcnt``, and halts.  On a kvm_pvm host each of them ends
+KVM_RUN with an emulation failure that the assist finishes; elsewhere the CPU runs
 them and the assist is not installed.
 """
 
@@ -13,20 +13,21 @@ from __future__ import annotations
 import pytest
 
 LOAD = 0x100000
-AFTER_INT3, HANDLER = 0x50, 0x5E   # offsets in CODE (GNU as listing)
+AFTER_INT3 = 0x50   # offsets in CODE (GNU as listing)
 # lea idt,%rax; lea handler,%rbx; fill gate 3 (offset, %cs, 0x8e00 = P DPL0 interrupt gate); lidt; mov $0x11,%r12;
-# int3; after: fwait; stac; pushfq; pop %r14; clac; pushfq; pop %r15; hlt
+# int3; after: fwait; stac; pushfq; pop %r14; clac; pushfq; pop %r15;
+# movabs $0xff00ff00ff,%rdi; popcnt %rdi,%rbx; xor %esi,%esi; popcnt %esi,%r13d; setz %al; hlt
 # handler: mov (%rsp),%r8; mov 8(%rsp),%r9; pushfq; pop %r10; mov %rsp,%r11; add $1,%r12; iretq
 CODE = bytes.fromhex(
-    "488d0589000000488d1d5000000066895830668cc96689483266c74034008e48c1eb106689583648c1eb10895838c7403c00000000"
-    "488d154400000066c702ff00488942020f011a49c7c411000000cc9b0f01cb9c415e0f01ca9c415ff44c8b04244c8b4c24089c415a"
-    "4989e34983c40148cf")
-IMAGE = CODE + bytes(0x190 - len(CODE))   # idtr at 0x80, the IDT at 0x90
+    "488d0599000000488d1d6900000066895830668cc96689483266c74034008e48c1eb106689583648c1eb10895838c7403c000000"
+    "00488d155400000066c702ff00488942020f011a49c7c411000000cc9b0f01cb9c415e0f01ca9c415f48bfff00ff00ff000000f3"
+    "480fb8df31f6f3440fb8ee0f94c0f44c8b04244c8b4c24089c415a4989e34983c40148cf")
+IMAGE = CODE + bytes(0x1A0 - len(CODE))   # idtr at 0x90, the IDT at 0xa0
 RFLAGS_IF, RFLAGS_AC = 1 << 9, 1 << 18
 
 
 @pytest.mark.kvm
-def test_int3_fwait_stac_clac_run_at_cpl0():
+def test_int3_fwait_stac_clac_popcnt_run_at_cpl0():
     from pykvm.host import cpu_flags, nested_kvm_module
     from pykvm.platform.machine import Machine
 
@@ -47,7 +48,24 @@ def test_int3_fwait_stac_clac_run_at_cpl0():
         assert regs.r11 == (stack & ~0xF) - 40                   # SS, RSP, RFLAGS, CS, RIP on the aligned stack
         assert not regs.r10 & RFLAGS_IF and regs.rflags & RFLAGS_IF   # cleared by the gate, restored by iretq
         assert regs.r14 & RFLAGS_AC and not regs.r15 & RFLAGS_AC  # stac, then clac
+        assert (regs.rbx, regs.r13, regs.rax & 0xFF) == (24, 0, 1)  # popcnt: 24 bits set; of 0: 0, ZF
         if nested_kvm_module() == "kvm_pvm":
-            assert m.loop.assist.counts == {"int3": 1, "fwait": 1, "stac": 1, "clac": 1}
+            assert m.loop.assist.counts == {"int3": 1, "fwait": 1, "stac": 1, "clac": 1, "popcnt": 2}
         else:
             assert m.loop.assist is None
+
+
+@pytest.mark.kvm
+def test_cx16_is_hidden_on_kvm_pvm_unless_asked_for():
+    from pykvm.host import nested_kvm_module
+    from pykvm.platform.machine import Machine
+
+    # mov $1,%eax; xor %ecx,%ecx; cpuid; hlt: the guest's own CPUID.01H:ECX
+    code = bytes.fromhex("b801000000" "31c9" "0fa2" "f4")
+    seen = []
+    for features in ((), (("cx16", True),)):
+        with Machine(memory="16M", cpu_features=features) as m:
+            m.load_image(code, format="flat", mode="long")
+            assert m.run(timeout=20).ended == "hlt"
+            seen.append(bool(m.vcpu.get_regs().rcx >> 13 & 1))
+    assert seen == ([False, True] if nested_kvm_module() == "kvm_pvm" else [seen[0], True])

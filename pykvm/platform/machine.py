@@ -176,6 +176,11 @@ class Machine:
             self.coalesced = CoalescedZones(self.vm, self.pio, self.mmio, self.fastpath)
             stats = kernel_stats and self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD)
             cores = cores or max(cpus // threads, 1)
+            pvm = nested_kvm_module() == "kvm_pvm"
+            if pvm:  # hide what its ring-0 emulator lacks and pykvm cannot finish; the caller's edits still win
+                from pykvm.platform.ring0_assist import HIDDEN
+
+                cpu_features = (*((name, False) for name in HIDDEN), *cpu_features)
             for index in range(cpus):
                 vcpu = self.vm.create_vcpu(index)
                 self.vcpus.append(vcpu)
@@ -183,7 +188,7 @@ class Machine:
                 loop = VcpuLoop(vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
                                 describe_cpu=lambda index=index: self.describe_cpu(index))
                 loop.c_loop = c_loop
-                if nested_kvm_module() == "kvm_pvm":  # its ring-0 emulator lacks int3, fwait, clac, stac
+                if pvm:  # its ring-0 emulator lacks int3, fwait, clac, stac, popcnt
                     from pykvm.platform.ring0_assist import Ring0Assist
 
                     loop.assist = Ring0Assist(vcpu, self.memory)

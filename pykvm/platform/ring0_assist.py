@@ -19,10 +19,22 @@ for the ones whose effect is small and exactly specified (Intel SDM vol. 2):
     runs with none) and CR0.TS or CR0.MP clear it is a no-op.
 ``clac`` / ``stac`` (0F 01 CA / CB)
     Clear or set RFLAGS.AC (SMAP's user-access window).
+``popcnt r, r`` (F3 [REX] 0F B8 /r, register operands)
+    The destination gets the number of set bits of the source (32-bit
+    results zero-extended); ZF = source is zero, CF OF SF AF PF cleared.
+    Linux's ``hweight`` alternatives use this form; a CPUID edit cannot
+    hide POPCNT on kvm_pvm (its guests see the host's bit).
 
 Anything else -- or an ``int3`` outside 64-bit mode, a gate that is not
 present -- is left alone: the run stops with the internal error as before.
 What the assist did is counted in :attr:`Ring0Assist.counts`.
+
+``cmpxchg16b`` (an atomic 16-byte compare-and-exchange: not finished here,
+where another vCPU could interleave) is hidden instead: Machine clears
+CPUID.01H:ECX.CX16 on kvm_pvm hosts (:data:`HIDDEN`), which this host's KVM
+honours, so Linux's SLUB takes its lock-based path.  XSAVE's bit cannot be
+hidden there (kvm_pvm guests see the host's), so Linux needs ``noxsave`` on
+its command line, or it stops at the first ``xrstor`` (docs/linux.md).
 """
 
 from __future__ import annotations
@@ -31,13 +43,20 @@ import struct
 
 from pykvm.x86 import bits
 
-__all__ = ["Ring0Assist"]
+__all__ = ["HIDDEN", "Ring0Assist"]
+
+#: CPU features Machine hides from guests on kvm_pvm hosts (QEMU's names, pykvm.platform.cpuid).
+HIDDEN = ("cx16",)
 
 KVM_INTERNAL_ERROR_EMULATION = 1  # <linux/kvm.h>; pykvm.exits names the suberror the same way
 BP_VECTOR = 3
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
 TSS64_IST1 = 0x24                 # the 64-bit TSS: IST1..IST7, 8 bytes each
 RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 18
+RFLAGS_ZF = 1 << 6
+ARITH_FLAGS = 1 << 0 | 1 << 2 | 1 << 4 | 1 << 6 | 1 << 7 | 1 << 11    # CF PF AF ZF SF OF
+#: struct kvm_regs's names for the general registers, by their encoding (SDM vol. 2 table 2-2).
+GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
 class AssistError(Exception):
@@ -59,24 +78,43 @@ class Ring0Assist:
         if sregs.cs.dpl != 0 or not sregs.efer & bits.EFER_LMA or not sregs.cs.l:
             return False  # only 64-bit ring 0 (where this host emulates)
         try:
-            code = self._read(sregs, regs.rip, 3)
+            code = self._code(sregs, regs.rip)
             if code[:1] == b"\xcc":
                 self._deliver(regs, sregs, BP_VECTOR, regs.rip + 1)
                 name = "int3"
             elif code[:1] == b"\x9b" and not (sregs.cr0 & bits.CR0_TS and sregs.cr0 & bits.CR0_MP):
                 regs.rip += 1
                 name = "fwait"
-            elif code in (b"\x0f\x01\xca", b"\x0f\x01\xcb"):
+            elif code[:3] in (b"\x0f\x01\xca", b"\x0f\x01\xcb"):
                 regs.rflags = regs.rflags | RFLAGS_AC if code[2] == 0xCB else regs.rflags & ~RFLAGS_AC
                 regs.rip += 3
                 name = "stac" if code[2] == 0xCB else "clac"
-            else:
+            elif (name := self._popcnt(regs, code)) is None:
                 return False
         except AssistError:
             return False
         self.vcpu.set_regs(regs)
         self.counts[name] = self.counts.get(name, 0) + 1
         return True
+
+    def _popcnt(self, regs, code: bytes) -> str | None:
+        """``popcnt`` with register operands: "popcnt" when done, None when ``code`` is another form."""
+        at, rex = 1, 0
+        if code[:1] != b"\xf3":
+            return None
+        if 0x40 <= code[at] <= 0x4F:
+            rex, at = code[at], at + 1
+        if code[at:at + 2] != b"\x0f\xb8" or code[at + 2] >> 6 != 3:
+            return None
+        modrm = code[at + 2]
+        dest = (modrm >> 3 & 7) | (rex & 4) << 1          # ModRM.reg, REX.R
+        source = (modrm & 7) | (rex & 1) << 3               # ModRM.rm, REX.B
+        width = 64 if rex & 8 else 32
+        value = getattr(regs, GPR[source]) & ((1 << width) - 1)
+        setattr(regs, GPR[dest], bin(value).count("1"))
+        regs.rflags = regs.rflags & ~ARITH_FLAGS | (RFLAGS_ZF if value == 0 else 0)
+        regs.rip += at + 3
+        return "popcnt"
 
     # -- guest memory by linear address ------------------------------------------------------
     def _physical(self, sregs, linear: int, size: int) -> int:
@@ -86,6 +124,15 @@ class Ring0Assist:
         if gpa is None or (linear & 0xFFF) + size > 0x1000 or not self.memory.is_mapped(gpa, size):
             raise AssistError(f"{linear:#x} is not mapped")  # (the kernel's stacks and tables are page-aligned)
         return gpa
+
+    def _code(self, sregs, rip: int) -> bytes:
+        """The instruction's first bytes (up to 6; fewer where guest RAM ends), across pages."""
+        from pykvm.x86.cpu_view import read_linear
+
+        code = read_linear(self.memory, sregs, rip, 6)
+        if not code:
+            raise AssistError(f"RIP {rip:#x} is not mapped")
+        return code + bytes(6 - len(code))
 
     def _read(self, sregs, linear: int, size: int) -> bytes:
         return self.memory.read(self._physical(sregs, linear, size), size)
