@@ -276,6 +276,10 @@ class Vcpu(FdOwner):
         """KVM_SET_FPU."""
         self._set("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
 
+    def get_xsave(self):
+        """KVM_GET_XSAVE: the XSAVE area (``region``: the legacy FXSAVE image first, MXCSR at byte 24)."""
+        return self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
+
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         """KVM_GET_MSRS: read the given MSRs.  Raises if KVM read fewer than asked."""
         n = len(indices)

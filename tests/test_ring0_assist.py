@@ -24,6 +24,9 @@ CODE = bytes.fromhex(
     "480fb8df31f6f3440fb8ee0f94c0f44c8b04244c8b4c24089c415a4989e34983c40148cf")
 IMAGE = CODE + bytes(0x1A0 - len(CODE))   # idtr at 0x90, the IDT at 0xa0
 RFLAGS_IF, RFLAGS_AC = 1 << 9, 1 << 18
+CODE_MXCSR = (
+    "0fae5c24f88b4424f8b9020000000fae1d2b0000008b1d25000000488d5424e089048a0fae148a0fae5424f8c74424fcadde0000"
+    "0fae5c24fc8b7424fcf4669000000000")
 
 
 @pytest.mark.kvm
@@ -69,3 +72,39 @@ def test_cx16_is_hidden_on_kvm_pvm_unless_asked_for():
             assert m.run(timeout=20).ended == "hlt"
             seen.append(bool(m.vcpu.get_regs().rcx >> 13 & 1))
     assert seen == ([False, True] if nested_kvm_module() == "kvm_pvm" else [seen[0], True])
+
+
+@pytest.mark.kvm
+def test_stmxcsr_and_ldmxcsr_of_the_current_value_with_stack_rip_relative_and_sib_operands():
+    from pykvm.host import nested_kvm_module
+    from pykvm.platform.machine import Machine
+
+    # stmxcsr -8(%rsp); mov -8(%rsp),%eax; mov $2,%ecx; stmxcsr data(%rip); mov data(%rip),%ebx;
+    # lea -0x20(%rsp),%rdx; mov %eax,(%rdx,%rcx,4); ldmxcsr (%rdx,%rcx,4); ldmxcsr -8(%rsp);
+    # movl $0xdead,-4(%rsp); stmxcsr -4(%rsp); mov -4(%rsp),%esi; hlt; data (at 0x40)
+    code = bytes.fromhex(CODE_MXCSR)
+    with Machine(memory="16M") as m:
+        m.load_image(code, format="flat", mode="long")
+        mxcsr = m.vcpu.get_xsave().region[6]
+        result = m.run(timeout=20)
+        assert result.ended == "hlt", result.message
+        regs = m.vcpu.get_regs()
+        assert mxcsr == 0x1F80 and (regs.rax, regs.rbx, regs.rsi) == (mxcsr, mxcsr, mxcsr)
+        assert regs.rip == LOAD + code.index(b"\xf4") + 1
+        if nested_kvm_module() == "kvm_pvm":
+            assert m.loop.assist.counts == {"ldmxcsr": 2, "stmxcsr": 3}
+
+
+@pytest.mark.kvm
+def test_an_ldmxcsr_that_would_change_mxcsr_is_left_to_fail():
+    from pykvm.host import nested_kvm_module
+    from pykvm.platform.machine import Machine
+
+    code = bytes.fromhex("c74424f8807f0000" "0fae5424f8" "f4")   # movl $0x7f80,-8(%rsp); ldmxcsr -8(%rsp); hlt
+    with Machine(memory="16M") as m:
+        m.load_image(code, format="flat", mode="long")
+        result = m.run(timeout=20)
+        if nested_kvm_module() == "kvm_pvm":   # the host cannot set MXCSR: the run stops, as without the assist
+            assert result.ended == "internal-error" and "ldmxcsr" in result.message
+        else:
+            assert result.ended == "hlt"

@@ -33,7 +33,16 @@ and the command line at the lowest free addresses (low memory, page 0 never).
 Entry: with xloadflags XLF_KERNEL_64 (2.12+), the 64-bit entry at load
 address + 0x200, RSI = boot_params, cpu ``linux64``; otherwise the 32-bit
 entry at the load address, ESI = boot_params and EBX/EBP/EDI = 0, cpu
-``linux32``.  The handover (EFI) entry is not used.
+``linux32``.  The handover (EFI) entry is not used.  The CPU state of each
+is built by ``pykvm.x86.boot_states``.
+
+Unpacked (``unpack=True``, format ``linux``): a 64-bit kernel whose payload
+pykvm can decompress (``pykvm.loaders.linux_payload``) is loaded as the
+vmlinux ELF inside it, each PT_LOAD at its physical address, and entered at
+its ``e_entry`` (the kernel proper's ``startup_64``) in the same 64-bit
+state with the same boot_params: the decompressor never runs.  Otherwise
+(``linux-decompressor``, or a payload pykvm cannot unpack: the plan's notes
+say why) the bzImage is entered as above.
 """
 
 from __future__ import annotations

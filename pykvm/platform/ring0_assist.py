@@ -19,6 +19,14 @@ for the ones whose effect is small and exactly specified (Intel SDM vol. 2):
     runs with none) and CR0.TS or CR0.MP clear it is a no-op.
 ``clac`` / ``stac`` (0F 01 CA / CB)
     Clear or set RFLAGS.AC (SMAP's user-access window).
+``stmxcsr m32`` (0F AE /3), and ``ldmxcsr m32`` (0F AE /2) of the value MXCSR holds
+    MXCSR as KVM_GET_XSAVE reports it (the legacy area's byte 24) stored,
+    or a load that changes nothing; the operand's address decoded from
+    ModRM, SIB and displacement, RIP-relative and FS/GS overrides included.
+    Linux's ``kernel_fpu_begin`` loads the default 0x1f80 that MXCSR
+    already holds.  A load of another value is refused: kvm_pvm keeps
+    MXCSR at 0x1f80 whatever KVM_SET_FPU or KVM_SET_XSAVE say (and
+    KVM_GET_FPU reports 0), so pykvm could not make it take effect.
 ``popcnt r, r`` (F3 [REX] 0F B8 /r, register operands)
     The destination gets the number of set bits of the source (32-bit
     results zero-extended); ZF = source is zero, CF OF SF AF PF cleared.
@@ -51,6 +59,7 @@ HIDDEN = ("cx16",)
 KVM_INTERNAL_ERROR_EMULATION = 1  # <linux/kvm.h>; pykvm.exits names the suberror the same way
 BP_VECTOR = 3
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
+XSAVE_MXCSR = 24                  # the XSAVE area's legacy (FXSAVE) image: MXCSR at byte 24
 TSS64_IST1 = 0x24                 # the 64-bit TSS: IST1..IST7, 8 bytes each
 RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 18
 RFLAGS_ZF = 1 << 6
@@ -89,7 +98,7 @@ class Ring0Assist:
                 regs.rflags = regs.rflags | RFLAGS_AC if code[2] == 0xCB else regs.rflags & ~RFLAGS_AC
                 regs.rip += 3
                 name = "stac" if code[2] == 0xCB else "clac"
-            elif (name := self._popcnt(regs, code)) is None:
+            elif (name := self._popcnt(regs, code) or self._mxcsr(regs, sregs, code)) is None:
                 return False
         except AssistError:
             return False
@@ -116,6 +125,30 @@ class Ring0Assist:
         regs.rip += at + 3
         return "popcnt"
 
+    def _mxcsr(self, regs, sregs, code: bytes) -> str | None:
+        """``ldmxcsr``/``stmxcsr`` with a memory operand: its name when done, None for another instruction."""
+        segment, at = 0, 0
+        if code[at] in (0x64, 0x65):  # FS, GS override (the others have base 0 in 64-bit mode)
+            segment, at = (sregs.fs.base if code[at] == 0x64 else sregs.gs.base), at + 1
+        rex = code[at] if 0x40 <= code[at] <= 0x4F else 0
+        at += 1 if rex else 0
+        if code[at:at + 2] != b"\x0f\xae" or code[at + 2] >> 6 == 3 or (code[at + 2] >> 3 & 7) not in (2, 3):
+            return None
+        code = self._code(sregs, regs.rip, 16)  # the whole instruction: SIB and a 32-bit displacement too
+        address, length = memory_operand(regs, code, at + 2, rex)
+        address = (address + segment) & 0xFFFFFFFFFFFFFFFF
+        mxcsr = self.vcpu.get_xsave().region[XSAVE_MXCSR // 4]
+        if code[at + 2] >> 3 & 7 == 2:
+            (value,) = struct.unpack("<I", self._read(sregs, address, 4))
+            if value != mxcsr:
+                raise AssistError(f"ldmxcsr of {value:#x} over {mxcsr:#x}: this host cannot set MXCSR")
+            name = "ldmxcsr"
+        else:
+            self._write(sregs, address, struct.pack("<I", mxcsr))
+            name = "stmxcsr"
+        regs.rip += at + 2 + length
+        return name
+
     # -- guest memory by linear address ------------------------------------------------------
     def _physical(self, sregs, linear: int, size: int) -> int:
         from pykvm.x86.cpu_view import linear_to_physical
@@ -125,14 +158,14 @@ class Ring0Assist:
             raise AssistError(f"{linear:#x} is not mapped")  # (the kernel's stacks and tables are page-aligned)
         return gpa
 
-    def _code(self, sregs, rip: int) -> bytes:
-        """The instruction's first bytes (up to 6; fewer where guest RAM ends), across pages."""
+    def _code(self, sregs, rip: int, size: int = 6) -> bytes:
+        """The instruction's first ``size`` bytes (zeroes where guest RAM ends), across pages."""
         from pykvm.x86.cpu_view import read_linear
 
-        code = read_linear(self.memory, sregs, rip, 6)
+        code = read_linear(self.memory, sregs, rip, size)
         if not code:
             raise AssistError(f"RIP {rip:#x} is not mapped")
-        return code + bytes(6 - len(code))
+        return code + bytes(size - len(code))
 
     def _read(self, sregs, linear: int, size: int) -> bytes:
         return self.memory.read(self._physical(sregs, linear, size), size)
@@ -160,3 +193,38 @@ class Ring0Assist:
         regs.rsp = rsp
         regs.rip = low | middle << 16 | high << 32
         regs.rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | (RFLAGS_IF if kind == GATE_INTERRUPT else 0))
+
+
+def memory_operand(regs, code: bytes, at: int, rex: int) -> tuple[int, int]:
+    """``(address, bytes)`` of the 64-bit memory operand whose ModRM byte is ``code[at]`` (SDM vol. 2 2.1.5, 2.2.1).
+
+    ``address`` before any segment base; ``bytes``: ModRM, SIB and
+    displacement.  RIP-relative addresses count from the instruction's end,
+    which needs its length: only instructions that end with the operand
+    (no immediate) are decoded here.
+    """
+    modrm = code[at]
+    mod, rm = modrm >> 6, modrm & 7
+    length = 1
+    if rm == 4:  # a SIB byte follows
+        sib = code[at + 1]
+        length += 1
+        scale, index, base = 1 << (sib >> 6), (sib >> 3 & 7) | (rex & 2) << 2, sib & 7
+        address = 0 if index == 4 else getattr(regs, GPR[index]) * scale   # index 4 (rsp): none
+        if base == 5 and mod == 0:
+            address += struct.unpack_from("<i", code, at + length)[0]
+            length += 4
+        else:
+            address += getattr(regs, GPR[base | (rex & 1) << 3])
+    elif rm == 5 and mod == 0:  # RIP-relative: disp32 from the end of the instruction
+        disp = struct.unpack_from("<i", code, at + 1)[0]
+        return regs.rip + at + 5 + disp, 5
+    else:
+        address = getattr(regs, GPR[rm | (rex & 1) << 3])
+    if mod == 1:
+        address += struct.unpack_from("<b", code, at + length)[0]
+        length += 1
+    elif mod == 2:
+        address += struct.unpack_from("<i", code, at + length)[0]
+        length += 4
+    return address & 0xFFFFFFFFFFFFFFFF, length
