@@ -8,6 +8,7 @@
 #   make run        boot the hello64 guest
 #   make test       the test suite (pytest)
 #   make bench      the benchmarks (quick: make bench BENCH_ARGS=--quick)
+#   make linux      Debian's kernel and a busybox initramfs in ${PYKVM_CACHE:-~/.cache/pykvm}/linux (docs/linux.md)
 #   make fuzz       the hostile guest, 20 seeds of 100,000 accesses (figures in docs/reliability.md)
 #   make soak       10,000 VMs, 10 minutes of streaming, 1,000 random stops (docs/reliability.md)
 #   make clean      remove build products
@@ -19,7 +20,7 @@ PYTHON_FOUND = $(or $(PYTHON),$(if $(VIRTUAL_ENV),python3,$(shell test -x .venv/
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all ext guests install run test bench fuzz soak clean
+.PHONY: all ext guests install run test bench linux fuzz soak clean
 
 all: ext guests
 
@@ -48,6 +49,9 @@ test: all
 
 bench: all
 	$(PYTHON_FOUND) -m pykvm bench $(BENCH_ARGS)
+
+linux:
+	$(PYTHON_FOUND) -m pykvm.guests.linux_image
 
 fuzz: all
 	$(PYTHON_FOUND) -m pykvm.reliability.guest_fuzz --seeds 20 --doc docs/reliability.md

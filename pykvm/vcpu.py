@@ -277,7 +277,7 @@ class Vcpu(FdOwner):
         self._set("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
 
     def get_xsave(self):
-        """KVM_GET_XSAVE: the XSAVE area, 4 KiB (``struct kvm_xsave *``)."""
+        """KVM_GET_XSAVE: the XSAVE area, 4 KiB (``struct kvm_xsave *``: the legacy FXSAVE image first, MXCSR at byte 24)."""
         return self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
 
     def get_xsave2(self, size: int) -> bytes:

@@ -212,7 +212,7 @@ def test_detection_follows_qemus_order():
     no_boot_flag = bytearray(make_bzimage())
     no_boot_flag[0x1FE:0x200] = b"\0\0"
     assert detect_format(source(bytes(no_boot_flag))) == "flat"
-    assert FORMATS == ("auto", "flat", "elf", "multiboot", "linux", "pvh")
+    assert FORMATS == ("auto", "flat", "elf", "multiboot", "linux", "linux-decompressor", "pvh")
 
 
 # -- files are never read whole ------------------------------------------------------------------

@@ -401,8 +401,8 @@ def run_config(parsed: Parsed) -> RunConfig:
         raise UsageError(f"--mode {mode}: use one of {', '.join(MODES)}")
     c.mode = mode
     c.format = parsed.get("format", "auto")
-    if c.format not in ("auto", "flat", "elf", "multiboot", "linux", "pvh"):
-        raise UsageError(f"--format {c.format}: use auto, flat, elf, multiboot, linux or pvh")
+    if c.format not in ("auto", "flat", "elf", "multiboot", "linux", "linux-decompressor", "pvh"):
+        raise UsageError(f"--format {c.format}: use auto, flat, elf, multiboot, linux, linux-decompressor or pvh")
     if "load_addr" in parsed:
         c.load_addr = register_value(parsed.get("load_addr"), "--load-addr")
     if "args" in parsed:

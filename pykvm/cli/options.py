@@ -72,7 +72,8 @@ RUN_OPTIONS: list[Option] = [
     # pykvm's own
     Option(("--mode",), "MODE", "CPU mode of a flat --kernel image: real, protected, paged32, long, "
            "long_user", kind=P),
-    Option(("--format",), "FORMAT", "image format: auto, flat, elf, multiboot, linux, pvh", kind=P),
+    Option(("--format",), "FORMAT", "image format: auto, flat, elf, multiboot, linux (a bzImage's kernel unpacked by pykvm), "
+           "linux-decompressor (entered at the bzImage's own decompressor), pvh", kind=P),
     Option(("--load-addr",), "ADDR", "load address of a flat image (default 0x100000, real mode 0x8000)",
            kind=P),
     Option(("--args",), "A0[,A1]", "guest arguments in EDI/RDI and ESI/RSI", kind=P),

@@ -24,7 +24,9 @@ from pykvm.loaders.plan import LoadPlan, MemoryMap
 from pykvm.loaders.source import ImageSource
 
 # The protocol loaders are imported when an image needs them (a flat guest's run never does).
-FORMATS = ("auto", "flat", "elf", "multiboot", "linux", "pvh")
+#: ``linux``: a bzImage, its payload unpacked by pykvm where it can (pykvm.loaders.linux_payload);
+#: ``linux-decompressor``: a bzImage entered at its own decompressor, as boot.rst describes.
+FORMATS = ("auto", "flat", "elf", "multiboot", "linux", "linux-decompressor", "pvh")
 HEAD_SIZE = 8192  # multiboot.SEARCH_LIMIT: enough for the Multiboot search and the Linux setup header
 BOOT_PROTOCOLS = "a Multiboot, Linux or PVH kernel"
 
@@ -87,10 +89,11 @@ def plan_image(
             raise LoaderError(f"a CPU mode applies to flat and ELF images; a {format} kernel starts in "
                               "the state its boot protocol defines")
 
-    if format == "linux":
+    if format in ("linux", "linux-decompressor"):
         from pykvm.loaders.linux import plan_linux
 
-        return plan_linux(source, head, memory_map=memory_map, cmdline=cmdline, modules=modules, rsdp=rsdp)
+        return plan_linux(source, head, memory_map=memory_map, cmdline=cmdline, modules=modules, rsdp=rsdp,
+                          unpack=format == "linux")
     if format == "multiboot":
         from pykvm.loaders.multiboot import plan_multiboot
 

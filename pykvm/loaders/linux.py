@@ -33,7 +33,16 @@ and the command line at the lowest free addresses (low memory, page 0 never).
 Entry: with xloadflags XLF_KERNEL_64 (2.12+), the 64-bit entry at load
 address + 0x200, RSI = boot_params, cpu ``linux64``; otherwise the 32-bit
 entry at the load address, ESI = boot_params and EBX/EBP/EDI = 0, cpu
-``linux32``.  The handover (EFI) entry is not used.
+``linux32``.  The handover (EFI) entry is not used.  The CPU state of each
+is built by ``pykvm.x86.boot_states``.
+
+Unpacked (``unpack=True``, format ``linux``): a 64-bit kernel whose payload
+pykvm can decompress (``pykvm.loaders.linux_payload``) is loaded as the
+vmlinux ELF inside it, each PT_LOAD at its physical address, and entered at
+its ``e_entry`` (the kernel proper's ``startup_64``) in the same 64-bit
+state with the same boot_params: the decompressor never runs.  Otherwise
+(``linux-decompressor``, or a payload pykvm cannot unpack: the plan's notes
+say why) the bzImage is entered as above.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from collections.abc import Sequence
 
 from pykvm.errors import LoaderError
 from pykvm.loaders.bootdata import Module, c_string, module_pairs
-from pykvm.loaders.plan import LoadPlan, MemoryMap, Segment, check_fits
+from pykvm.loaders.plan import LoadPlan, MemoryMap, Segment, check_fits, span
 from pykvm.loaders.source import ImageSource
 from pykvm.loaders.space import BELOW_4G, FreeSpace, align_up
 from pykvm.values import Value
@@ -191,7 +200,8 @@ def build_boot_params(hdr: SetupHeader, *, load_addr: int, cmdline_addr: int, in
 
 
 def plan_linux(source: ImageSource, head: bytes, *, memory_map: MemoryMap, cmdline: str = "",
-               modules: Sequence[Module] = (), rsdp: int | None = None) -> LoadPlan:
+               modules: Sequence[Module] = (), rsdp: int | None = None, unpack: bool = True) -> LoadPlan:
+    """The plan for a bzImage; ``unpack``: a 64-bit kernel's payload unpacked here when pykvm can (linux_payload)."""
     name = source.name
     hdr = read_setup_header(source, head)
     if not hdr.loadflags & LOADED_HIGH:
@@ -211,12 +221,21 @@ def plan_linux(source: ImageSource, head: bytes, *, memory_map: MemoryMap, cmdli
     if len(pairs) > 1:
         raise LoaderError(f"a Linux kernel takes one initrd, not {len(pairs)} (QEMU loads -initrd as one file)")
 
-    load, window_end = kernel_window(hdr, kernel_size, name)
-    what = "kernel" if window_end == load + kernel_size else "kernel and its init_size room"
-    kernel = Segment(load, window_end - load, source, hdr.setup_size, kernel_size, what=what)
-    check_fits((kernel,), memory_map)
-    space = FreeSpace(memory_map, [(kernel.gpa, kernel.end)])
-    segments = [kernel]
+    vmlinux, unpacked = None, ""
+    if unpack and hdr.xloadflags & XLF_KERNEL_64:
+        from pykvm.loaders.linux_payload import DEFAULT_LIMIT, unpack_payload
+
+        vmlinux, unpacked = unpack_payload(source, head, hdr.setup_size, hdr.init_size or DEFAULT_LIMIT)
+    if vmlinux is not None:  # the kernel proper at its link address; the decompressor never runs
+        kernel_segments = vmlinux.segments("kernel (unpacked vmlinux)")
+        load, window_end = vmlinux.loads[0].paddr, vmlinux.end()
+    else:
+        load, window_end = kernel_window(hdr, kernel_size, name)
+        what = "kernel" if window_end == load + kernel_size else "kernel and its init_size room"
+        kernel_segments = (Segment(load, window_end - load, source, hdr.setup_size, kernel_size, what=what),)
+    check_fits(kernel_segments, memory_map)
+    space = FreeSpace(memory_map, [(s.gpa, s.end) for s in kernel_segments])
+    segments = list(kernel_segments)
     initrd = (0, 0)
     if pairs:
         initrd_source = pairs[0][0]
@@ -232,15 +251,21 @@ def plan_linux(source: ImageSource, head: bytes, *, memory_map: MemoryMap, cmdli
     segments += [Segment(bp_addr, BOOT_PARAMS_SIZE, data=boot_params, what="boot_params"),
                  Segment(cmdline_addr, len(command_line), data=command_line, what="command line")]
 
-    if hdr.xloadflags & XLF_KERNEL_64:
+    if vmlinux is not None:
+        cpu, entry, regs = "linux64", vmlinux.entry, {"rsi": bp_addr}   # e_entry: startup_64, physical
+    elif hdr.xloadflags & XLF_KERNEL_64:
         cpu, entry, regs = "linux64", load + ENTRY_64_OFFSET, {"rsi": bp_addr}
     else:
         cpu, entry, regs = "linux32", load, {"rsi": bp_addr, "rbx": 0, "rbp": 0, "rdi": 0}
+    if vmlinux is not None:
+        what = f"{unpacked}; vmlinux {span(load, window_end)}, entered at startup_64 {entry:#x}"
+    else:
+        what = (f"kernel {kernel_size:#x} bytes at {load:#x}, needs up to {window_end:#x}"
+                + ("" if hdr.init_size else " (no init_size: room for the file only)")
+                + (f"; its own decompressor runs ({unpacked})" if unpacked else ""))
     plan = LoadPlan(
         format="linux", cpu=cpu, entry=entry, regs=regs, segments=tuple(segments),
-        notes=(f"Linux boot protocol {protocol_name(hdr.version)}, {'64' if cpu == 'linux64' else '32'}-bit "
-               f"entry; kernel {kernel_size:#x} bytes at {load:#x}, needs up to {window_end:#x}"
-               + ("" if hdr.init_size else " (no init_size: room for the file only)")),
+        notes=f"Linux boot protocol {protocol_name(hdr.version)}, {'64' if cpu == 'linux64' else '32'}-bit entry; {what}",
     )
     plan.check_fits(memory_map)
     return plan

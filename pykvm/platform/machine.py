@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from pykvm._native_loader import lib
 from pykvm.devices import Uart16550
-from pykvm.errors import LoaderError
+from pykvm.host import nested_kvm_module
 from pykvm.memory import GuestMemory, parse_size
 from pykvm.platform import layout
 from pykvm.platform.bus import Bus
@@ -175,6 +175,11 @@ class Machine:
             self.coalesced = CoalescedZones(self.vm, self.pio, self.mmio, self.fastpath)
             stats = kernel_stats and self.kvm.check_extension(lib.KVM_CAP_BINARY_STATS_FD)
             cores = cores or max(cpus // threads, 1)
+            pvm = nested_kvm_module() == "kvm_pvm"
+            if pvm:  # hide what its ring-0 emulator lacks and pykvm cannot finish; the caller's edits still win
+                from pykvm.platform.ring0_assist import HIDDEN
+
+                cpu_features = (*((name, False) for name in HIDDEN), *cpu_features)
             for index in range(cpus):
                 vcpu = self.vm.create_vcpu(index)
                 self.vcpus.append(vcpu)
@@ -182,6 +187,10 @@ class Machine:
                 loop = VcpuLoop(vcpu, self.pio, self.mmio, self.fastpath, coalesced=self.coalesced,
                                 describe_cpu=lambda index=index: self.describe_cpu(index))
                 loop.c_loop = c_loop
+                if pvm:  # its ring-0 emulator lacks int3, fwait, clac, stac, popcnt
+                    from pykvm.platform.ring0_assist import Ring0Assist
+
+                    loop.assist = Ring0Assist(vcpu, self.memory)
                 self.loops.append(loop)
                 if stats:
                     self.stats_fds.append(vcpu.stats_fd())  # kernel-mode exit counts for the split
@@ -460,19 +469,26 @@ class Machine:
         return self.loaded
 
     def _prepare_cpu(self, plan, memory_map):
-        """Where pykvm's tables go for this plan (None when the protocol needs none)."""
+        """The plan's CPU state, and where pykvm's tables go for it (clear of everything the plan writes)."""
         from pykvm.x86.modes import MODES
 
-        cpu = plan.cpu if plan.cpu in MODES else "protected" if plan.cpu in ("multiboot32", "pvh32") else None
-        if cpu is None:
-            raise LoaderError(f"pykvm cannot start a kernel in the {plan.cpu} boot state yet")
-        return cpu, place_tables(cpu, plan.occupied(), memory_map.ram, memory_map.reserved)
+        tables_for = plan.cpu
+        if plan.cpu not in MODES:  # a boot protocol's own state: pykvm.x86.boot_states
+            from pykvm.x86.boot_states import table_mode
+
+            tables_for = table_mode(plan.cpu)
+        return plan.cpu, place_tables(tables_for, plan.occupied(), memory_map.ram, memory_map.reserved)
 
     def _start_cpu(self, plan, cpu, args):
-        from pykvm.x86.modes import setup_mode
+        from pykvm.x86.modes import MODES, setup_mode
 
         cpu, tables = cpu
-        done = setup_mode(cpu, self.vcpu, self.memory, entry=plan.entry, args=args, tables=tables)
+        if cpu in MODES:
+            done = setup_mode(cpu, self.vcpu, self.memory, entry=plan.entry, args=args, tables=tables)
+        else:
+            from pykvm.x86.boot_states import setup_boot_state
+
+            done = setup_boot_state(cpu, self.vcpu, self.memory, entry=plan.entry, tables=tables)
         if plan.regs:
             regs = self.vcpu.get_regs()
             for reg, value in plan.regs.items():

@@ -146,6 +146,9 @@ class VcpuLoop:
         self.table = FastTable(self.cloop, fastpath)
         self.coalesced = coalesced
         self.describe_cpu = describe_cpu or (lambda: "")
+        #: Called with a KVM_EXIT_INTERNAL_ERROR; True: the instruction was finished, run on
+        #: (pykvm.platform.ring0_assist, on hosts whose ring-0 emulator lacks some instructions).
+        self.assist: Callable[[exits.Exit], bool] | None = None
         self._attention = True  # the one flag the hot path checks per exit
         self._posted: deque[Callable[[], None]] = deque()
         self._stop_request: str | None = None
@@ -388,4 +391,6 @@ class VcpuLoop:
             except UnmappedAccess as exc:
                 located = exc.at(self.vcpu.get_regs().rip)
                 return VcpuStop("guest-error", None, f"{located}\n{self.describe_cpu()}".rstrip("\n"))
+            if self.assist is not None and isinstance(exit, exits.InternalError) and self.assist(exit):
+                continue
             return exit_stop(exit, self.describe_cpu)
