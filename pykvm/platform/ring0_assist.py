@@ -35,7 +35,9 @@ for the ones whose effect is small and exactly specified (Intel SDM vol. 2):
 
 Anything else -- or an ``int3`` outside 64-bit mode, a gate that is not
 present -- is left alone: the run stops with the internal error as before.
-What the assist did is counted in :attr:`Ring0Assist.counts`.
+What the assist did is counted in :attr:`Ring0Assist.counts`.  A debugger's
+``int3`` never comes here: software breakpoints do not work on kvm_pvm, and
+pykvm's tracer plants hardware breakpoints there instead.
 
 ``cmpxchg16b`` (an atomic 16-byte compare-and-exchange: not finished here,
 where another vCPU could interleave) is hidden instead: Machine clears
