@@ -293,3 +293,34 @@ def test_fuzzed_register_writes(ops):
         assert all(0 <= slp_typ <= 7 for slp_typ in sleeps)
         due = device.next_event()
         assert due is None or due > clock.ns
+
+
+# --- GPE0 ---------------------------------------------------------------------------------
+
+def test_gpe0_reads_zero_status_keeps_enable_bits_and_clears_by_writing_one():
+    from pykvm.devices.acpi_gpe import AcpiGpe
+
+    gpe = AcpiGpe(4)
+    assert gpe.read(0, 4) == bytes(4)  # no event pending: not the all-ones of an unmapped port
+    gpe.write(2, b"\x05\x80")  # GPE0_EN
+    gpe.write(0, b"\xff\xff")  # writing 1s to the status clears nothing that is set (nothing is)
+    assert gpe.read(0, 4) == b"\x00\x00\x05\x80" and gpe.read(3, 1) == b"\x80"
+    restored = AcpiGpe(4)
+    restored.load_state(gpe.save_state())
+    assert restored.read(0, 4) == gpe.read(0, 4)
+    with pytest.raises(DeviceError):
+        gpe.read(3, 2)
+    with pytest.raises(DeviceError):
+        AcpiGpe(3)
+
+
+@pytest.mark.kvm
+def test_gpe0_answers_at_the_fadts_port_on_the_pc():
+    from pykvm.platform.machine import Machine
+
+    # mov dx, 0xafe0 ; in eax, dx (GPE0_STS and GPE0_EN) ; out 0xf4, eax (debug-exit) ; jmp $
+    code = bytes([0x66, 0xBA, 0xE0, 0xAF, 0xED, 0xE7, 0xF4, 0xEB, 0xFE])
+    with Machine(memory="32M", platform="pc") as m:
+        m.load_image(code, format="flat", mode="protected")
+        result = m.run(timeout=30)
+    assert result.ended == "debug-exit" and result.exit_status == 1  # (0 << 1) | 1: every bit clear

@@ -14,7 +14,10 @@ fw_cfg               0x510-0x51b (DMA at 0x514)       ``devices.fw_cfg`` (QEMU's
                                                       directory, etc/e820, etc/acpi/*)
 CMOS and RTC         0x70-0x71, IRQ 8                 ``devices.cmos`` with QEMU's memory bytes
 ACPI PM              0x600-0x60b, SMI_CMD 0xb2,       ``devices.acpi_pm``: PM1a event/control,
-                     SCI on IRQ 9                     the 3.579545 MHz PM timer; S5 powers off
+                     SCI on IRQ 9                     the 3.579545 MHz PM timer; S5 powers off,
+                                                      S3 suspends (``platform.pc_sleep``)
+ACPI GPE0            0xafe0-0xafe3                    ``devices.acpi_gpe``: status (always clear)
+                                                      and enable bits
 PCI configuration    0xcf8-0xcff (mechanism #1),      ``devices.pci``: i440FX host bridge 00:00.0,
                      reset control 0xcf9              PIIX3 ISA 00:01.0, PIIX4 ACPI 00:01.3
 ACPI tables          0xe0000-0xeffff (the RSDP scan)  ``platform.acpi``: RSDP, RSDT, XSDT, FADT,
@@ -38,13 +41,14 @@ BIOS area as reserved and never put anything there.
 from __future__ import annotations
 
 from pykvm.devices import DebugExit
+from pykvm.devices.acpi_gpe import AcpiGpe
 from pykvm.devices.acpi_pm import AcpiPm, SmiCommand
 from pykvm.devices.cmos import Cmos
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.devices.pci import PciFunction, PciHost
 from pykvm.devices.port61 import Port61
 from pykvm.platform import layout
-from pykvm.platform.acpi import build_acpi_tables
+from pykvm.platform.acpi import GPE0_BLOCK_LENGTH, build_acpi_tables
 from pykvm.platform.bios import build_firmware_state
 from pykvm.platform.pc_sleep import SleepState
 from pykvm.platform.pc_timers import PcTimers
@@ -87,6 +91,8 @@ class PcBoard:
         m.add_device(self.timers.serialized(self.cmos), port=layout.CMOS_PORT, name="cmos")
         m.add_device(self.timers.serialized(self.pm), port=layout.ACPI_PM_PORT, name="acpi-pm")
         self.sleep = SleepState(m, self.timers, self.pm, self.cmos, self.acpi.firmware_waking_vector_addr)
+        self.gpe = AcpiGpe(GPE0_BLOCK_LENGTH)
+        m.add_device(self.gpe, port=layout.ACPI_GPE0_PORT, name="acpi-gpe0")  # zeros: no GPE has a source
         self.smi = SmiCommand(set_sci_enabled=self.pm.set_sci_enabled)
         m.add_device(self.smi, port=layout.SMI_CMD_PORT, name="apm-smi")
         self.port61 = Port61(self._pit_channel2, self._set_pit_gate)
