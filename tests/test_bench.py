@@ -296,8 +296,8 @@ def test_boot_markdown_of_a_skip_and_a_failed_vmm():
     ok = {"median_ms": 2000.0, "fastest_ms": 1900.0, "runs_ms": [2000.0]}
     failed = {"quick": True, "errors": {}, "boot": {
         "qemu": {"available": True, "version": "QEMU 7.2"},
-        "linux": {"kernel": "/c/linux/vmlinuz", "initrd": "/c/linux/initrd.cpio.gz", "kernel_bytes": 8 << 20, "payload": "xz",
-                  "append": "console=ttyS0", "reps": 1, "programs": {
+        "linux": {"kernel": "/c/linux/vmlinuz", "initrd": "/c/linux/initrd.cpio.gz", "kernel_bytes": 8 << 20,
+                  "payload": "xz", "append": "console=ttyS0", "reps": 1, "programs": {
                       "qemu_microvm": {"vmm": "qemu", "machine": "microvm", "status": "ok", "command": "q",
                                        "first_byte": ok, "banner": ok, "first_line": "Probing EDD"},
                       "pykvm_pc": {"vmm": "pykvm", "machine": "pc", "status": "n/a", "command": "p",

@@ -91,7 +91,9 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> "Config":
-        return cls(reps=3, linux_reps=1, ipi_reps=3, ipi_iterations=500, quick=True)
+        cfg = cls(reps=3, linux_reps=1, ipi_reps=3, ipi_iterations=500, quick=True)
+        cfg.linux_timeout = 300.0
+        return cfg
 
 
 def plan_units(cfg: Config) -> int:
@@ -317,7 +319,8 @@ def _linux(cfg: Config, vmms: _Vmms, programs: dict, progress: Callable[[str], N
                     run["first_line"] = _first_line(w.output)
             progress(f"boot linux {name} {rep + 1}/{cfg.linux_reps}")
     out: dict = {"kernel": str(kernel), "initrd": str(initrd), "kernel_bytes": kernel.stat().st_size,
-                 "payload": payload_format(kernel), "append": LINUX_APPEND, "timeout_s": cfg.linux_timeout, "reps": cfg.linux_reps, "programs": {}}
+                 "payload": payload_format(kernel), "append": LINUX_APPEND, "timeout_s": cfg.linux_timeout,
+                 "reps": cfg.linux_reps, "programs": {}}
     for name, (program, machine) in programs.items():
         entry: dict = {"vmm": program, "machine": machine, "command": vmms.shown(program, machine, args)}
         if runs[name]["failed"] is not None:
@@ -407,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="IPI round trips per ipiping run (default 5000, quick 500)")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts, of {','.join(PARTS)}")
     p.add_argument("--linux-timeout", type=float, help=f"seconds one VMM may take to the banner "
-                                                        f"(default {LINUX_TIMEOUT:.0f})")
+                                                        f"(default {LINUX_TIMEOUT:.0f}, quick 300)")
     p.add_argument("--no-linux", action="store_true", help="leave the Linux part out (it takes minutes here)")
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU even if it is installed")
     p.add_argument("--out", type=Path, help="directory for the JSON and PNG (default: benchmarks/results)")

@@ -27,7 +27,8 @@ def _host_line(results: dict) -> str:
             f"Python {host.get('python')}; {results.get('started', '')}, {results.get('duration_s', 0):.0f} s.")
     info = results.get("pykvm") or {}
     if info.get("commit"):
-        line += f" pykvm {info.get('version')} at {info['commit']}{' (uncommitted changes)' if info.get('dirty') else ''}."
+        dirty = " (uncommitted changes)" if info.get("dirty") else ""
+        line += f" pykvm {info.get('version')} at {info['commit']}{dirty}."
     return line
 
 
@@ -52,7 +53,7 @@ def _multiboot_table(part: dict, qemu: dict) -> list[str]:
     if not qemus:
         lines.append(f"QEMU not measured: {qemu.get('reason')}.")
     else:
-        lines.append("QEMU's `-M pc` runs SeaBIOS before the kernel (emulated here, about a second); "
+        lines.append("QEMU's `-M pc` runs SeaBIOS before the kernel (ring-0 code: emulated on a kvm_pvm host); "
                      "`-M microvm` boots the Multiboot kernel directly, as pykvm does on both machines.")
     lines.append("")
     return lines
@@ -86,11 +87,12 @@ def _linux_table(part: dict) -> list[str]:
     lines.append("")
     lines += [f"[{i}] {reason}  " for i, reason in enumerate(notes, 1)]
     lines += ["The first byte is whatever part of the kernel prints first: with QEMU's firmware the real-mode "
-              "set-up code's `Probing EDD` (each character twice on microvm, where the BIOS console also reaches COM1), "
+              "set-up code's `Probing EDD` (each character twice on microvm, where the BIOS console also "
+              "reaches COM1), "
               "with a VMM that enters the kernel past its set-up code the decompressor's (`earlyprintk`) or "
               "the banner itself. The time to the banner is mostly the decompressor, ring-0 code that KVM "
-              "emulates instruction by instruction on a kvm_pvm host: minutes for an xz payload, under two "
-              "for lz4.", ""]
+              "emulates instruction by instruction on a kvm_pvm host, and an xz payload takes many times longer "
+              "to undo than an lz4 one.", ""]
     return lines
 
 
