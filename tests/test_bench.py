@@ -56,7 +56,7 @@ def quick_results(tmp_path_factory) -> tuple[dict, str]:
     proc = subprocess.run(
         # boot has its own quick run below (test_boot_*)
         [sys.executable, "-m", "pykvm.bench", "--quick", "--out", str(out), "--no-progress",
-         "--only", "exits,lifecycle,memory,startup,io_models"],
+         "--only", "exits,lifecycle,memory,startup,io_models,disk_models"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False,
     )
     assert proc.returncode == 0, f"python -m pykvm.bench --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"

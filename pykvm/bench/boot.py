@@ -440,24 +440,14 @@ def _config(args: argparse.Namespace) -> Config | str:
     return cfg
 
 
-def _guests_built() -> str | None:
-    from pykvm import guests
-
-    try:
-        for name in ("mbinfo", "ipiping"):
-            guests.path(name)
-    except (LookupError, OSError) as exc:  # GuestNotBuilt, GuestNotFound
-        return str(exc)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the boot benchmark; print Markdown; write JSON (and PNG).  Returns an exit status."""
-    from pykvm.bench import _preflight, boot_report, default_out_dir, report
+    from pykvm.bench import boot_report, default_out_dir, report
+    from pykvm.bench.common import guest_problem
 
     args = _parser().parse_args(argv)
     cfg = _config(args)
-    problem = cfg if isinstance(cfg, str) else _preflight() or _guests_built()
+    problem = cfg if isinstance(cfg, str) else guest_problem("mbinfo") or guest_problem("ipiping")
     out_dir = args.out or default_out_dir()
     if problem is None and out_dir.exists() and not out_dir.is_dir():
         problem = f"--out {out_dir}: not a directory"
