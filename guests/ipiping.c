@@ -3,7 +3,10 @@
  * IPIs and the BSP times the round trips with the TSC.
  *
  * The BSP starts the APs (smp.c); the first to report in answers, the
- * others halt.  Each round: the BSP sends PING_VECTOR to the AP and sleeps
+ * others halt, or, with `spin=1` on the command line, spin in a PAUSE loop
+ * with interrupts off for ever: with more vCPUs than host cores that makes
+ * the two players compete for the cores (overcommit).  The BSP waits until
+ * every other AP spins before it starts timing.  Each round: the BSP sends PING_VECTOR to the AP and sleeps
  * in wait_for_interrupt(); the AP, asleep there too, wakes with the
  * interrupt, signals EOI and sends PING_VECTOR back; the BSP wakes and
  * signals EOI.  N rounds (the `iterations=` word of the command line,
@@ -36,12 +39,18 @@
 #define PIC_SLAVE_DATA     0xa1
 
 static volatile uint32_t bsp_apic_id, pong_apic_id, pong_ready, pongs, ap_other_interrupts;
+static volatile uint32_t spin_others, spinning;
 
-/* On the first AP: answer every ping, for ever.  The others return (halt). */
+/* On the first AP: answer every ping, for ever.  The others return (halt) or spin. */
 static void pong(uint32_t index, uint32_t apic_id)
 {
-    if (index != 0)
-        return;
+    if (index != 0) {
+        if (!spin_others)
+            return;
+        atomic_inc(&spinning);
+        for (;;)
+            cpu_relax();
+    }
     idt_load();
     lapic_enable(SPURIOUS_VECTOR);
     pong_apic_id = apic_id;
@@ -91,6 +100,10 @@ int guest_main(const struct multiboot_info *mbi)
     const char *cmdline = mb_cmdline(mbi), *source;
     if (cmdline_u32(cmdline, "iterations", &iterations) && (iterations < 1 || iterations > MAX_ITERATIONS))
         return fail(EXIT_FAIL, "iterations=%u: give 1 to %u", iterations, MAX_ITERATIONS);
+    uint32_t spin = 0;
+    if (cmdline_u32(cmdline, "spin", &spin) && spin > 1)
+        return fail(EXIT_FAIL, "spin=%u: give 0 (the other APs halt) or 1 (they spin)", spin);
+    spin_others = spin;
     print("iterations: %u\n", iterations);
     uint32_t cpus = platform_cpu_count(&source);
     print("cpus: %u\n", cpus);
@@ -115,8 +128,13 @@ int guest_main(const struct multiboot_info *mbi)
         cpu_relax();
     if (!pong_ready)
         return fail(EXIT_TIMEOUT, "the AP did not get ready to answer");
+    while (spinning < (spin_others ? cpus - 2 : 0) && !past(deadline))
+        cpu_relax();
+    if (spinning < (spin_others ? cpus - 2 : 0))
+        return fail(EXIT_TIMEOUT, "%u of %u other APs started spinning", spinning, cpus - 2);
     uint32_t ap = pong_apic_id;
     print("ap_apic_id: %u\n", ap);
+    print("spinning_aps: %u\n", spinning);
     print("vector: 0x%x\n", PING_VECTOR);
 
     lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);

@@ -54,7 +54,9 @@ def quick_results(tmp_path_factory) -> tuple[dict, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
-        [sys.executable, "-m", "pykvm.bench", "--quick", "--out", str(out), "--no-progress"],
+        # boot has its own quick run below (test_boot_*)
+        [sys.executable, "-m", "pykvm.bench", "--quick", "--out", str(out), "--no-progress",
+         "--only", "exits,lifecycle,memory,startup,io_models,disk_models"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False,
     )
     assert proc.returncode == 0, f"python -m pykvm.bench --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -171,6 +173,138 @@ def test_every_number_is_positive(quick_results):
     results, _ = quick_results
     bad = [(where, value) for where, value in _numbers(results) if not value > 0]
     assert not bad, f"non-positive numbers: {bad[:10]}"
+
+
+# -- boot: benchmarks/boot.py --quick ---------------------------------------------
+
+
+def _boot_run(out: Path, *args: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "boot.py"), "--quick", "--out", str(out), "--no-progress", *args],
+        capture_output=True, text=True, timeout=3 * 3600, cwd=ROOT, check=False,
+    )
+    assert proc.returncode == 0, f"benchmarks/boot.py --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return json.loads((out / "boot-quick.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def boot_quick(tmp_path_factory) -> tuple[dict, str]:
+    return _boot_run(tmp_path_factory.mktemp("boot"), "--no-linux")
+
+
+def _check_summary(summary: dict, reps: int) -> None:
+    assert len(summary["runs_ms"]) == reps
+    assert _close(summary["median_ms"], statistics.median(summary["runs_ms"]))
+    assert _close(summary["fastest_ms"], min(summary["runs_ms"]))
+
+
+def _check_ratios(programs: dict, metrics: tuple[str, ...]) -> None:
+    qemus = {n: p for n, p in programs.items() if p["vmm"] == "qemu" and p.get("status", "ok") == "ok"}
+    for entry in programs.values():
+        if entry["vmm"] == "pykvm" and entry.get("status", "ok") == "ok":
+            for metric in metrics:
+                assert set(entry["ratio"][metric]) == set(qemus)
+                for name, q in qemus.items():
+                    assert _close(entry["ratio"][metric][name], entry[metric]["median_ms"] / q[metric]["median_ms"])
+
+
+@pytest.mark.kvm
+def test_boot_quick_run_prints_its_tables(boot_quick):
+    results, stdout = boot_quick
+    assert results["quick"] is True and not results["errors"]
+    for heading in ("## Boot (quick run)", "### Multiboot kernel `mbinfo`", "### Linux bzImage: to its banner",
+                    "### IPI round trip between two vCPUs", "skipped: --no-linux"):
+        assert heading in stdout
+    assert results["boot"]["linux"] == {"skipped": "--no-linux"}
+
+
+@pytest.mark.kvm
+def test_boot_multiboot_first_byte_comes_before_the_exit(boot_quick):
+    section = boot_quick[0]["boot"]
+    part = section["multiboot"]
+    expected = {"pykvm_pc", "pykvm_microvm"} | ({"qemu_pc", "qemu_microvm"} if section["qemu"]["available"] else set())
+    assert set(part["programs"]) == expected
+    for entry in part["programs"].values():
+        for metric in ("first_byte", "exit"):
+            _check_summary(entry[metric], part["reps"])
+        assert all(0 < first < end for first, end in zip(entry["first_byte"]["runs_ms"], entry["exit"]["runs_ms"]))
+    _check_ratios(part["programs"], ("first_byte", "exit"))
+
+
+@pytest.mark.kvm
+def test_boot_ipi_cases_and_ratios(boot_quick):
+    section = boot_quick[0]["boot"]
+    part = section["ipi"]
+    assert list(part["cases"]) == ["smp2", "smp4_halt", "smp4_spin"]
+    assert [(c["smp"], c["spin"]) for c in part["cases"].values()] == [(2, False), (4, False), (4, True)]
+    for case in part["cases"].values():
+        platforms = case["platforms"]
+        assert set(platforms) == ({"pykvm", "qemu"} if section["qemu"]["available"] else {"pykvm"})
+        for p in platforms.values():
+            assert len(p["runs_us"]) == part["reps"] and _close(p["median_us"], statistics.median(p["runs_us"]))
+        if "qemu" in platforms:
+            assert _close(case["ratio"], platforms["pykvm"]["median_us"] / platforms["qemu"]["median_us"])
+
+
+@pytest.mark.kvm
+def test_boot_every_number_is_positive(boot_quick):
+    bad = [(where, value) for where, value in _numbers(boot_quick[0]) if not value > 0]
+    assert not bad, f"non-positive numbers: {bad[:10]}"
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+def test_boot_linux_to_its_banner(tmp_path):
+    from pykvm.bench.boot import linux_files
+
+    kernel, initrd = linux_files()
+    if not (kernel.is_file() and initrd.is_file()):
+        pytest.skip(f"no Linux kernel at {kernel} with {initrd.name} (run make linux)")
+    if not os.environ.get("PYKVM_BENCH_LINUX"):
+        pytest.skip("set PYKVM_BENCH_LINUX=1 to run it: on a kvm_pvm host the kernel's decompressor is emulated, "
+                    "minutes per VMM to the banner")
+    results, stdout = _boot_run(tmp_path, "--only", "linux")
+    part = results["boot"]["linux"]
+    assert "### Linux bzImage: to its banner" in stdout and part["reps"] == 1
+    assert {"pykvm_pc"} <= set(part["programs"])
+    for entry in part["programs"].values():
+        if entry["status"] == "n/a":
+            assert entry["reason"].strip()
+            continue
+        assert entry["status"] == "ok"
+        for metric in ("first_byte", "banner"):
+            _check_summary(entry[metric], part["reps"])
+        assert entry["first_byte"]["median_ms"] <= entry["banner"]["median_ms"]
+    _check_ratios(part["programs"], ("first_byte", "banner"))
+
+
+def test_boot_refuses_bad_options_in_one_line(tmp_path):
+    for args in (["--only", "nope"], ["--reps", "1"], ["--iterations", "0"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "boot.py"), *args, "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("boot: ") and not list(tmp_path.iterdir())
+
+
+def test_boot_markdown_of_a_skip_and_a_failed_vmm():
+    from pykvm.bench import boot_report
+
+    skipped = {"quick": True, "errors": {}, "boot": {
+        "qemu": {"available": False, "reason": "not installed"},
+        "linux": {"skipped": "run make linux", "missing": ["/c/linux/vmlinuz"]}}}
+    assert "skipped: run make linux (/c/linux/vmlinuz missing)." in boot_report.markdown(skipped)
+    ok = {"median_ms": 2000.0, "fastest_ms": 1900.0, "runs_ms": [2000.0]}
+    failed = {"quick": True, "errors": {}, "boot": {
+        "qemu": {"available": True, "version": "QEMU 7.2"},
+        "linux": {"kernel": "/c/linux/vmlinuz", "initrd": "/c/linux/initrd.cpio.gz", "kernel_bytes": 8 << 20,
+                  "payload": "xz", "append": "console=ttyS0", "reps": 1, "programs": {
+                      "qemu_microvm": {"vmm": "qemu", "machine": "microvm", "status": "ok", "command": "q",
+                                       "first_byte": ok, "banner": ok, "first_line": "Probing EDD"},
+                      "pykvm_pc": {"vmm": "pykvm", "machine": "pc", "status": "n/a", "command": "p",
+                                   "reason": "exit status 2: cannot boot this"}}}}}
+    text = boot_report.markdown(failed)
+    assert "| pykvm run -M pc | n/a [1] | – | – |  |" in text and "[1] exit status 2: cannot boot this" in text
+    assert "| QEMU -M microvm | 2,000.0 (1,900.0) | 2,000.0 (1,900.0) | – | `Probing EDD` |" in text
 
 
 # -- without KVM: the report code on a made-up result ---------------------------

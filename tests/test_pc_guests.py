@@ -275,9 +275,19 @@ def test_ipiping_counts_and_times_every_round_trip(ipiping):
     assert r["done"] == "ok"
     assert r["iterations"] == r["round_trips"] == IPI_ROUNDS
     assert r["cpus"] == 2 and r["bsp_apic_id"] == 0 and r["ap_apic_id"] == 1 and r["vector"] == 0x30
+    assert r["spinning_aps"] == 0
     assert r["cycles_per_round_trip"] == r["tsc_cycles"] // IPI_ROUNDS
     assert r["ns_per_round_trip"] == r["cycles_per_round_trip"] * 1_000_000 // r["tsc_khz"]
     assert r["other_interrupts"] == 0
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_ipiping_with_the_other_aps_spinning(platform):
+    """`spin=1`, 4 vCPUs: two play, two spin with interrupts off (the benchmark's overcommit case)."""
+    r = run_guest(platform, "ipiping", smp=4, append="iterations=200 spin=1").report
+    assert r["done"] == "ok" and r["cpus"] == 4 and r["spinning_aps"] == 2
+    assert r["round_trips"] == r["iterations"] == 200 and r["other_interrupts"] == 0
+    assert r["ns_per_round_trip"] == r["cycles_per_round_trip"] * 1_000_000 // r["tsc_khz"]
 
 
 # --- s3wake ------------------------------------------------------------------------------

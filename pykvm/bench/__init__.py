@@ -1,4 +1,4 @@
-"""pykvm's benchmarks: exit latency, VM lifecycle, memory, start-up and I/O models, against the limits.
+"""pykvm's benchmarks: exit latency, VM lifecycle, memory, start-up, I/O models and boot, against the limits.
 
 ``pykvm bench`` (and ``make bench``, ``python benchmarks/run_all.py``) calls
 :func:`main`.  Every figure is compared with a reference measured in the
@@ -13,8 +13,10 @@ Output: Markdown tables on stdout, JSON (``--out``, default
 for CI; the full run takes a few minutes.
 
 Modules: :mod:`.exit_latency`, :mod:`.lifecycle`, :mod:`.memory`,
-:mod:`.startup`, :mod:`.io_models`, :mod:`.disk_models`, :mod:`.qemu`, :mod:`.raw` (build and
-drive ``rawbench.c``), :mod:`.report`.
+:mod:`.startup`, :mod:`.io_models`, :mod:`.disk_models`, :mod:`.boot` (with
+:mod:`.boot_report`), :mod:`.qemu`, :mod:`.raw` (build and drive
+``rawbench.c``), :mod:`.report`.  ``io_models``, ``disk_models`` and ``boot``
+are scripts of their own as well (``benchmarks/*.py``) with their own JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 __all__ = ["SECTIONS", "default_out_dir", "main"]
 
-SECTIONS = ("exits", "lifecycle", "memory", "startup", "io_models", "disk_models")
+SECTIONS = ("exits", "lifecycle", "memory", "startup", "io_models", "disk_models", "boot")
 DEFAULT_SECTIONS = SECTIONS
 
 
@@ -50,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small N and few reps: under a minute (CI)")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
-                        f"(default: all; io_models and disk_models are also benchmarks/*.py)")
+                        f"(default: all; io_models, disk_models and boot are also benchmarks/*.py)")
     p.add_argument("--out", type=Path, help="directory for JSON and PNG (default: benchmarks/results)")
     p.add_argument("--name", default="bench", help="file name stem of the results (default: bench)")
     p.add_argument("--reps", type=int, help="runs per measurement (default 21, quick 5; at least 5)")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = _parser().parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    everything = set(sections) == set(DEFAULT_SECTIONS)
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         print(f"pykvm bench: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}",
@@ -118,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         io_args = (["--quick"] if args.quick else []) + ["--out", str(out_dir)]
         status = io_models.main(io_args)
         sections = [s for s in sections if s != "io_models"]
+        if not sections or status:
+            return status
+    if "boot" in sections:
+        from pykvm.bench import boot
+
+        boot_args = ["--quick"] if args.quick else []
+        boot_args += ["--out", str(out_dir)] + (["--no-qemu"] if args.no_qemu else [])
+        boot_args += (["--no-chart"] if args.no_chart else []) + (["--no-progress"] if args.no_progress else [])
+        if everything:  # Linux to its banner takes minutes per VMM here: only when boot is asked for by name
+            boot_args.append("--no-linux")
+        status = boot.main(boot_args)
+        sections = [s for s in sections if s != "boot"]
         if not sections or status:
             return status
 

@@ -371,7 +371,7 @@ GUESTS: dict[str, GuestInfo] = {
         _multiboot(
             "ipiping",
             "two CPUs ping-pong fixed IPIs (vector 0x30) N times, handlers without IRET; prints the TSC "
-            "cycles per round trip; `iterations=N` on the command line",
+            "cycles per round trip; `iterations=N` on the command line, `spin=1` to keep the other APs busy",
             needs=("pc", "smp"),
             cmdline="iterations=1000",
         ),

@@ -119,7 +119,7 @@ GUEST_SCHEMAS: dict[str, dict[str, str]] = {
     "s3wake": {"facs": "int", "pm1a_evt": "int", "pm1a_cnt": "int", "state": "str"},
     "ipiping": {
         "iterations": "int", "cpus": "int", "bsp_apic_id": "int", "tsc_khz": "int",
-        "ap_apic_id": "int", "vector": "int", "round_trips": "int", "tsc_cycles": "int",
+        "ap_apic_id": "int", "spinning_aps": "int", "vector": "int", "round_trips": "int", "tsc_cycles": "int",
         "cycles_per_round_trip": "int", "ns_per_round_trip": "int", "other_interrupts": "int",
     },
     "ata": {
