@@ -139,12 +139,10 @@ def chart(results: dict, png: Path) -> Path | None:
     section = results.get("boot")
     if not section:
         return None
-    try:
-        import matplotlib
+    from pykvm.bench.report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     panels = []  # (title, unit, [(label, {series: value})])
     if "multiboot" in section:

@@ -362,12 +362,10 @@ def markdown(section: dict) -> list[str]:
 
 def chart(section: dict, png: Path) -> Path | None:
     """MB/s per workload and model, log scale (None without matplotlib)."""
-    try:
-        import matplotlib
+    from pykvm.bench.report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     models = [m for m in dict.fromkeys(r["model"] for r in section["rows"])
               if any(r["model"] == m and r["mb_per_s"] for r in section["rows"])]

@@ -308,17 +308,25 @@ def write_json(results: dict, path: Path) -> Path:
     return path
 
 
-def chart(results: dict, png: Path) -> Path | None:
-    """A PNG bar chart of per-exit cost by kind and path (None if matplotlib is missing)."""
-    section = results.get("exit_latency")
-    if not section:
-        return None
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), or None where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def chart(results: dict, png: Path) -> Path | None:
+    """A PNG bar chart of per-exit cost by kind and path (None if matplotlib is missing)."""
+    section = results.get("exit_latency")
+    if not section:
+        return None
+    plt = pyplot()
+    if plt is None:
         return None
     rows = {(r["guest"], r["kind"], r["path"]): r for r in section["rows"]}
     guests = section["guests"]
@@ -366,12 +374,8 @@ def startup_chart(results: dict, png: Path) -> Path | None:
     section = results.get("startup")
     if not section:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from pykvm.bench.startup import PHASE_TITLES, PHASES, PYKVM_PROGRAMS
 
