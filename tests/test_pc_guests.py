@@ -214,6 +214,7 @@ def test_pcprobe_pci_bus_0(pcprobe):
     found = {f["bdf"]: (f["vendor"], f["device"]) for f in r["pci"]}
     assert r["pci_functions"] == len(found)
     assert found["00:01.0"] == (0x8086, 0x7000)  # PIIX3 ISA bridge
+    assert found["00:01.1"] == (0x8086, 0x7010)  # PIIX3 IDE (compatibility mode: the ATA disk's ports)
     assert found["00:01.3"] == (0x8086, 0x7113)  # PIIX4 ACPI (the PM timer's home)
 
 

@@ -19,7 +19,7 @@ ACPI PM              0x600-0x60b, SMI_CMD 0xb2,       ``devices.acpi_pm``: PM1a 
 ACPI GPE0            0xafe0-0xafe3                    ``devices.acpi_gpe``: status (always clear)
                                                       and enable bits
 PCI configuration    0xcf8-0xcff (mechanism #1),      ``devices.pci``: i440FX host bridge 00:00.0,
-                     reset control 0xcf9              PIIX3 ISA 00:01.0, PIIX4 ACPI 00:01.3
+                     reset control 0xcf9              PIIX3 ISA 00:01.0 and IDE 00:01.1, PIIX4 ACPI 00:01.3
 ACPI tables          0xe0000-0xeffff (the RSDP scan)  ``platform.acpi``: RSDP, RSDT, XSDT, FADT,
                                                       FACS, MADT (every CPU), DSDT
 debug-exit           0xf4-0xf7 (pykvm's, 4 bytes)     QEMU's isa-debug-exit,iobase=0xf4,iosize=4
@@ -63,6 +63,10 @@ SUSPEND = "suspend"
 # The PIIX functions QEMU's -M pc has besides the host bridge (hw/isa/piix.c, hw/acpi/piix4.c).
 PIIX3_ISA = dict(vendor_id=0x8086, device_id=0x7000, class_code=0x0601, multifunction=True)
 PIIX4_ACPI = dict(vendor_id=0x8086, device_id=0x7113, class_code=0x0680, revision=0x03)
+# PIIX3's IDE function in compatibility mode (prog-if 0x80: bus-master capable, both channels on the legacy
+# ports and IRQs 14/15), as QEMU's piix3-ide: what a kernel's PCI IDE driver (Linux's ata_piix) looks for
+# before it drives the ATA disk at 0x1f0 (platform.ide).  No bus-master BAR: the driver falls back to PIO.
+PIIX3_IDE = dict(vendor_id=0x8086, device_id=0x7010, class_code=0x0101, prog_if=0x80)
 
 
 class PcBoard:
@@ -99,6 +103,7 @@ class PcBoard:
         m.add_device(self.port61, port=layout.SYSTEM_CONTROL_PORT, name="port61")
         self.pci = PciHost(on_reset=lambda: m.request_stop("reset"))
         self.pci.attach(1, 0, PciFunction(**PIIX3_ISA))
+        self.pci.attach(1, 1, PciFunction(**PIIX3_IDE))
         self.pci.attach(1, 3, PciFunction(**PIIX4_ACPI))
         m.add_device(self.pci, port=layout.PCI_CONFIG_PORT, name="pci")
         self.pc_testdev = self.pci_testdev = None
