@@ -306,15 +306,6 @@ static int check(const char *cmdline, uint64_t capacity)
     return EXIT_OK;
 }
 
-static uint32_t xorshift(uint32_t *state)
-{
-    uint32_t x = *state;
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    return *state = x;
-}
-
 static int bench(const char *cmdline, uint64_t capacity)
 {
     static const char *const names[4] = {"seq-read", "seq-write", "rand-read", "rand-write"};
@@ -335,7 +326,7 @@ static int bench(const char *cmdline, uint64_t capacity)
         uint32_t state = 0x2545f491u, slots = region / BENCH_SECTORS;
         uint64_t start = rdtsc();
         for (uint32_t i = 0; i < ops; i++) {
-            uint32_t slot = random ? xorshift(&state) % slots : i % slots;
+            uint32_t slot = random ? xorshift32(&state) % slots : i % slots;
             uint32_t lba = slot * BENCH_SECTORS;
             uint8_t status = write ? ata_write(lba, BENCH_SECTORS, 0, buffer)
                                    : ata_read(lba, BENCH_SECTORS, 0, buffer);

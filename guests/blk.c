@@ -102,24 +102,14 @@ static uint32_t use_irq, device_irq, interrupts, stray;
 
 /* --- interrupts (irq=1): the 8259 PIC, as a PC BIOS sets it up ------------ */
 #define PIC1_CMD  0x20
-#define PIC1_DATA 0x21
 #define PIC2_CMD  0xa0
-#define PIC2_DATA 0xa1
 #define PIC_EOI   0x20
 #define IRQ_BASE  0x20    /* vectors 0x20-0x2f */
 
 static void pic_init(uint32_t irq)
 {
-    outb(PIC1_CMD, 0x11);
-    outb(PIC2_CMD, 0x11);
-    outb(PIC1_DATA, IRQ_BASE);
-    outb(PIC2_DATA, IRQ_BASE + 8);
-    outb(PIC1_DATA, 0x04);
-    outb(PIC2_DATA, 0x02);
-    outb(PIC1_DATA, 0x01);
-    outb(PIC2_DATA, 0x01);
-    outb(PIC1_DATA, (uint8_t)(irq < 8 ? ~(1u << irq) : ~(1u << 2)));
-    outb(PIC2_DATA, (uint8_t)(irq < 8 ? 0xff : ~(1u << (irq - 8))));
+    pic_remap(IRQ_BASE, IRQ_BASE + 8, (uint8_t)(irq < 8 ? ~(1u << irq) : ~(1u << 2)),
+              (uint8_t)(irq < 8 ? 0xff : ~(1u << (irq - 8))));
 }
 
 /* Sleep until an interrupt; for the device's, acknowledge it (its level-triggered line goes low), then EOI. */
@@ -135,15 +125,6 @@ static void sleep_for_device(void)
     if (vector >= IRQ_BASE + 8)
         outb(PIC2_CMD, PIC_EOI);
     outb(PIC1_CMD, PIC_EOI);
-}
-
-static uint32_t xorshift(uint32_t *state)
-{
-    uint32_t x = *state;
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    return *state = x;
 }
 
 static uint32_t fnv(uint32_t h, uint32_t word)
@@ -163,7 +144,7 @@ static uint32_t fill_pattern(uint32_t *buf, uint64_t sector)
     if (!state)
         state = 1;
     for (uint32_t i = 0; i < spb * 128; i++) {
-        uint32_t w = xorshift(&state);
+        uint32_t w = xorshift32(&state);
         buf[i] = w;
         h = fnv(h, w);
     }
@@ -289,7 +270,7 @@ static int run_blocks(uint32_t type, int verify, int random, uint32_t *bad)
         int posted = 0;
         while (nfree && next < nblocks) {
             uint32_t s = free_slots[--nfree];
-            uint32_t k = random ? xorshift(&rng) % span : next;
+            uint32_t k = random ? xorshift32(&rng) % span : next;
             slot_block[s] = next;
             if (verify && type == T_OUT)
                 write_hash[next] = fill_pattern((uint32_t *)bufs[s], block_sector(k));
@@ -374,7 +355,7 @@ static int burst(void)
     for (;;) {
         while (nfree) {
             uint32_t s = free_slots[--nfree];
-            uint32_t k = rnd ? xorshift(&rng) % span : seq % nblocks;
+            uint32_t k = rnd ? xorshift32(&rng) % span : seq % nblocks;
             uint64_t sector = block_sector(k);
             for (uint32_t i = 0; i < spb; i++) {
                 uint32_t *w = (uint32_t *)(bufs[s] + 512 * i);

@@ -57,6 +57,8 @@ int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 /* Adler-32 (zlib.adler32): continue from ``adler`` (1 to start) over n bytes. */
 uint32_t adler32(uint32_t adler, const uint8_t *p, size_t n);
+/* xorshift32: the next number of the sequence *state holds (not 0); libc.c. */
+uint32_t xorshift32(uint32_t *state);
 
 uint64_t guest_main(uint64_t arg0, uint64_t arg1);
 

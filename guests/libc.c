@@ -1,6 +1,6 @@
 /*
  * libc.c - the routines gcc may call on its own even in freestanding code
- * (memset, memcpy, memcmp), strlen and Adler-32, written once for both
+ * (memset, memcpy, memcmp), strlen, Adler-32 and xorshift32, written once for both
  * guest runtimes.  Not compiled on its own: glib.c (64-bit, guest.h's
  * types) and rt32.c (32-bit, rt32.h's types) include it, so each gets it
  * built for its own mode; it needs uint8_t, uint32_t, uint64_t, uintptr_t
@@ -72,4 +72,14 @@ uint32_t adler32(uint32_t adler, const uint8_t *p, size_t n)
         b %= ADLER_MOD;
     }
     return b << 16 | a;
+}
+
+/* Marsaglia's xorshift32 (13, 17, 5): the next of a seeded sequence; state must not be 0. */
+uint32_t xorshift32(uint32_t *state)
+{
+    uint32_t x = *state;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return *state = x;
 }

@@ -231,6 +231,16 @@ const char *mb_cmdline(const struct multiboot_info *mbi)
     return (mbi->flags & MBI_CMDLINE) && mbi->cmdline ? (const char *)(uintptr_t)mbi->cmdline : "";
 }
 
+/* --- the 8259 PICs (Intel 8259A data sheet: ICW1-ICW4, OCW1) ---------------------- */
+void pic_remap(uint8_t master_base, uint8_t slave_base, uint8_t master_mask, uint8_t slave_mask)
+{
+    outb(0x20, 0x11); outb(0xa0, 0x11);               /* ICW1: edge, cascade, ICW4 follows */
+    outb(0x21, master_base); outb(0xa1, slave_base);   /* ICW2: vector bases */
+    outb(0x21, 0x04); outb(0xa1, 0x02);               /* ICW3: the slave on the master's IRQ 2 */
+    outb(0x21, 0x01); outb(0xa1, 0x01);               /* ICW4: 8086 mode */
+    outb(0x21, master_mask); outb(0xa1, slave_mask);  /* OCW1 */
+}
+
 /* --- exceptions (crt32.S's isr_common) ------------------------------------------ */
 struct exception_frame {
     uint32_t vector, error, eip, cs, eflags;

@@ -167,6 +167,8 @@ size_t strlen(const char *s);
 size_t strnlen(const char *s, size_t max);
 /* Adler-32 (zlib.adler32): continue from ``adler`` (1 to start) over n bytes. */
 uint32_t adler32(uint32_t adler, const uint8_t *p, size_t n);
+/* xorshift32: the next number of the sequence *state holds (not 0); libc.c. */
+uint32_t xorshift32(uint32_t *state);
 /* n / d, and n % d in *rem (if not NULL): the 64-bit division without libgcc. */
 uint64_t udiv64(uint64_t n, uint32_t d, uint32_t *rem);
 /* The value of `key=NUMBER` (decimal or 0x hex) among the words of cmdline. */
@@ -179,6 +181,10 @@ void idt_load(void);                    /* lidt our IDT (each CPU once) */
 /* Sleep with interrupts enabled until one arrives; return its vector, IF = 0.
  * The handler does not IRET (see crt32.S): call with interrupts off. */
 uint32_t wait_for_interrupt(void);
+/* Initialise both 8259s as a protected-mode kernel does (ICW1-ICW4: edge-triggered, cascaded on IRQ 2,
+ * 8086 mode), the master's vectors from master_base and the slave's from slave_base, then set their
+ * masks (a set bit masks the line); rt32.c. */
+void pic_remap(uint8_t master_base, uint8_t slave_base, uint8_t master_mask, uint8_t slave_mask);
 
 /* --- the ending --------------------------------------------------------------------- */
 /* Write status to isa-debug-exit, then halt for ever. */

@@ -31,15 +31,6 @@ static void cmos_write(uint8_t reg, uint8_t value)
     outb(0x71, value);
 }
 
-static void pic_remap(void)
-{
-    outb(0x20, 0x11); outb(0xa0, 0x11);     /* ICW1: edge, cascade, ICW4 follows */
-    outb(0x21, 0x20); outb(0xa1, 0x28);     /* ICW2: vector bases */
-    outb(0x21, 0x04); outb(0xa1, 0x02);     /* ICW3: the slave on IRQ 2 */
-    outb(0x21, 0x01); outb(0xa1, 0x01);     /* ICW4: 8086 mode */
-    outb(0x21, 0xfb); outb(0xa1, 0xfe);     /* only IRQ 2 (cascade) and IRQ 8 */
-}
-
 int guest_main(const struct multiboot_info *mbi)
 {
     uint32_t count = DEFAULT_COUNT;
@@ -49,7 +40,7 @@ int guest_main(const struct multiboot_info *mbi)
     if (!tsc_calibrate_khz())
         return fail(EXIT_MISSING, "PIT channel 2 never counted down: no TSC rate");
     print("tsc_khz: %u\n", tsc_khz);
-    pic_remap();
+    pic_remap(0x20, 0x28, 0xfb, 0xfe);      /* vectors 0x20 and 0x28; only IRQ 2 (cascade) and IRQ 8 */
     cmos_write(RTC_REG_A, RTC_A_RATE_1024);
     outb(0x70, RTC_REG_B);
     uint8_t b = inb(0x71);
